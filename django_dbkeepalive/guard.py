@@ -1,0 +1,768 @@
+"""The connection guard: checks a connection before its first network operation after idle.
+
+Installed once per process by :func:`install` (called from ``AppConfig.ready()``), it
+wraps the few places where Django talks to the server on an open connection:
+
+- ``CursorWrapper.execute/executemany/callproc`` (a new cursor, a reused cursor, the ORM);
+- ``BaseDatabaseWrapper.set_autocommit`` (entering ``transaction.atomic()`` sends
+  ``SET autocommit=0`` before any cursor exists);
+- ``BaseDatabaseWrapper.commit/rollback``.
+
+The hot path (a statement right after another) is one clock read and one comparison
+before, and one clock read after. Everything else happens in :func:`_before` (after an
+idle period) and :func:`_failed` (after an error). Per-connection state lives in
+``_dbk_*`` attributes of Django's ``DatabaseWrapper``; the class defaults make an
+untouched or unguarded wrapper skip the guard.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+import time
+import weakref
+from typing import Any, Callable
+
+from django.core.signals import setting_changed
+from django.db import connections
+from django.db.backends import utils as backend_utils
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.backends.signals import connection_created
+
+from .conf import AliasSettings, conf
+from .errors import ConnectionLostInTransaction, Disconnect, classify, is_retryable_read
+from .signals import connection_recycled
+
+logger = logging.getLogger("django_dbkeepalive")
+
+INF = float("inf")
+_now = time.monotonic
+_FORK = Disconnect(0, "fork", not_sent=True, retryable=True)
+_UNKNOWN_STATE = Disconnect(0, "interrupted", not_sent=False, retryable=False)
+
+# Defaults on every DatabaseWrapper: an unguarded wrapper never takes the slow path.
+_CLASS_DEFAULTS: dict[str, Any] = {
+    "_dbk_last": 0.0,  # monotonic time the connection last talked to the server
+    "_dbk_next": INF,  # idle seconds after which the slow path runs (INF: unguarded)
+    "_dbk_conn": None,  # the driver connection the state below belongs to
+    "_dbk_ino": None,  # (fd, inode) of its socket, to never touch a reused fd
+    "_dbk_cfg": None,  # AliasSettings
+    "_dbk_wait": None,  # the session's effective wait_timeout (None: not read yet)
+    "_dbk_limit": None,  # idle limit = wait - margin
+    "_dbk_lost": None,  # a Disconnect once the connection is known to be dead
+    "_dbk_forced": 0,  # scopes (middleware...) that guard it although AUTO_GUARD=False
+    "_dbk_manual": False,  # reopen with autocommit off (lost in a manual transaction)
+    "_dbk_over": None,  # (idle, limit) of the longest idle past the limit, for reports
+}
+
+_installed = False
+_install_lock = threading.Lock()
+_originals: dict[str, Callable[..., Any]] = {}
+# Every wrapper with an open connection, in every thread, so a forked child can detach
+# sockets it inherited from threads it no longer has.
+_open_wrappers: weakref.WeakSet[Any] = weakref.WeakSet()
+# Driver connections a forked child inherited from other threads. They are kept alive
+# (their sockets already point at /dev/null) because freeing one could wait forever on a
+# lock that a thread of the parent held at fork time.
+_inherited: list[Any] = []
+
+
+# --------------------------------------------------------------------------- sockets
+
+
+def _fileno(conn: Any) -> int | None:
+    """The driver connection's socket descriptor, or ``None`` when it has none."""
+    try:
+        if hasattr(conn, "_sock"):  # PyMySQL: _sock is None once it closed itself
+            sock = conn._sock
+            return None if sock is None else int(sock.fileno())
+        fileno = getattr(conn, "fileno", None)
+        return None if fileno is None else int(fileno())
+    except Exception:
+        return None
+
+
+def _socket_id(conn: Any) -> tuple[int, int] | None:
+    fd = _fileno(conn)
+    if fd is None or fd < 0:
+        return None
+    try:
+        return fd, os.fstat(fd).st_ino
+    except OSError:
+        return None
+
+
+def _verified_fd(db: Any) -> int | None:
+    """The socket's fd, only if it is still the socket recorded when it opened.
+
+    A driver that closed its socket by itself may have let the number be reused by an
+    unrelated file; this makes sure the guard never touches that one.
+    """
+    known = db._dbk_ino
+    if known is None:
+        return None
+    fd, ino = known
+    # Socket inode numbers are unique among open sockets, so a matching inode proves
+    # the number still names our socket. (No driver call: mysqlclient's fileno() takes a
+    # per-connection lock that another thread may hold, and in a forked child forever.)
+    try:
+        if os.fstat(fd).st_ino != ino:
+            return None
+    except OSError:
+        return None
+    return int(fd)
+
+
+def _peek(db: Any) -> bool | None:
+    """``True`` when the socket is readable with no statement in flight (closed by the
+    server, or an unsolicited error packet such as 4031), ``False`` when quiet,
+    ``None`` when it cannot be told. Costs one ``poll()``; never blocks."""
+    fd = _verified_fd(db)
+    if fd is None:
+        return None
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLPRI)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True
+
+
+def _detach_socket(db: Any) -> None:
+    """Make the connection's socket unusable in this process only.
+
+    The descriptor is pointed at ``/dev/null``: whatever the driver does next (its
+    ``COM_QUIT`` on close, a ``shutdown()``) goes nowhere, so a dead or silently dropped
+    peer is never waited on, and a socket shared with a parent process is left intact.
+    """
+    fd = _verified_fd(db)
+    if fd is None:
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)
+    db._dbk_ino = None
+
+
+# ------------------------------------------------------------------- driver helpers
+
+
+def _is_pymysql(conn: Any) -> bool:
+    return type(conn).__module__.startswith("pymysql")
+
+
+def _ping(conn: Any) -> None:
+    if _is_pymysql(conn):
+        conn.ping(reconnect=False)  # older PyMySQL reconnects silently by default
+    else:
+        conn.ping()
+
+
+def _read_wait_timeout(conn: Any) -> float:
+    cursor = conn.cursor()
+    try:
+        cursor.execute("SELECT @@SESSION.wait_timeout")
+        row = cursor.fetchone()
+    finally:
+        cursor.close()
+    return float(row[0])
+
+
+def _limit_for(wait: float, cfg: AliasSettings) -> float:
+    # A margin as large as the timeout itself would leave no usable window: keep half.
+    return wait - min(cfg.margin, wait / 2)
+
+
+# ------------------------------------------------------------------ per-connection
+
+
+def _guarded(db: Any) -> bool:
+    return bool(db._dbk_next != INF)
+
+
+def _arm(db: Any) -> None:
+    cfg = db._dbk_cfg
+    on = (
+        cfg is not None
+        and db.connection is not None
+        and db.connection is db._dbk_conn
+        and (cfg.auto_guard or db._dbk_forced > 0)
+    )
+    db._dbk_next = cfg.peek_after if on else INF
+
+
+def _on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:
+    db = connection
+    cfg = conf.for_alias(db.alias)
+    now = _now()
+    db._dbk_cfg = cfg
+    db._dbk_conn = db.connection
+    db._dbk_ino = _socket_id(db.connection) if db.vendor == "mysql" else None
+    db._dbk_last = now
+    db._dbk_lost = None
+    db._dbk_wait = cfg.wait_timeout
+    db._dbk_limit = None if cfg.wait_timeout is None else _limit_for(cfg.wait_timeout, cfg)
+    _open_wrappers.add(db)
+    _arm(db)
+    if db._dbk_manual:
+        # The connection was lost in a transaction the code manages by hand; reopen it
+        # in the same mode so later statements are not silently autocommitted.
+        db._dbk_manual = False
+        db.set_autocommit(False)
+
+
+def _on_setting_changed(setting: str, **kwargs: Any) -> None:
+    if setting != "DBKEEPALIVE":
+        return
+    for db in connections.all(initialized_only=True):
+        if db.connection is not None and db.connection is db._dbk_conn:
+            cfg = conf.for_alias(db.alias)
+            db._dbk_cfg = cfg
+            if cfg.wait_timeout is not None:
+                db._dbk_wait = cfg.wait_timeout
+            db._dbk_limit = None if db._dbk_wait is None else _limit_for(db._dbk_wait, cfg)
+            _arm(db)
+
+
+def _in_transaction(db: Any) -> bool:
+    return bool(db.in_atomic_block or not db.autocommit)
+
+
+def _recycled(db: Any, reason: str, idle: float) -> None:
+    logger.info(
+        "dbkeepalive: recycled the %r connection (reason: %s, idle %.1fs)",
+        db.alias,
+        reason,
+        idle,
+    )
+    connection_recycled.send(sender=db.alias, reason=reason, idle=idle)
+
+
+def _discard(db: Any, reason: str, idle: float, *, graceful: bool = False) -> None:
+    """Close the connection outside a transaction; the next statement reconnects."""
+    if not graceful:
+        _detach_socket(db)
+    if not db.autocommit and not db.in_atomic_block:
+        db._dbk_manual = True
+    try:
+        db.close()
+    except Exception:  # the driver's close of a dead link; nothing to save
+        pass
+    if not db.in_atomic_block:
+        db.connection = None
+    db._dbk_conn = None
+    db._dbk_ino = None
+    db._dbk_lost = None
+    db._dbk_last = -INF  # a cursor still bound to the old connection takes the slow path
+    _open_wrappers.discard(db)
+    _recycled(db, reason, idle)
+
+
+def _mark_lost(db: Any, disconnect: Disconnect) -> None:
+    _detach_socket(db)  # later operations fail at once instead of hanging
+    db._dbk_lost = disconnect
+    db._dbk_last = -INF
+
+
+def _lost_in_transaction(
+    db: Any, what: str, idle: float, cause: BaseException | None = None
+) -> ConnectionLostInTransaction:
+    limit = db._dbk_limit
+    wait = db._dbk_wait
+    idle_text = "unknown" if idle in (INF, -INF) else f"{idle:.1f}s"
+    limits = (
+        f"the guard's idle limit is {limit:.1f}s (server wait_timeout {wait:g}s)"
+        if limit is not None and wait is not None
+        else "the server's wait_timeout is not known yet"
+    )
+    message = (
+        f"The database connection {db.alias!r} was lost inside a transaction ({what}; "
+        f"idle {idle_text}, {limits}). The server rolled the transaction back, so "
+        "nothing this transaction wrote was saved. django-dbkeepalive never reconnects "
+        "inside a transaction. Leave the atomic block (the connection works again "
+        "after it) and run the whole unit of work again; keep slow work (API calls, "
+        "file building) outside transaction.atomic()."
+    )
+    code = None
+    if cause is not None:
+        found = classify(cause)
+        code = found.code if found is not None and found.code > 0 else None
+    return ConnectionLostInTransaction(
+        message, alias=db.alias, idle=idle, limit=limit, code=code
+    )
+
+
+def _rebind(cursor: Any, db: Any) -> None:
+    """Point a cursor object created before a reconnect at the new connection."""
+    inner = cursor.cursor
+    driver_cursor = getattr(inner, "cursor", inner)
+    if getattr(driver_cursor, "connection", None) is db.connection:
+        return
+    try:
+        driver_cursor.close()
+    except Exception:
+        pass
+    cursor.cursor = db.create_cursor()
+
+
+def _before(db: Any, cursor: Any = None) -> None:
+    """The slow path: the connection was idle for a while, or is known to be lost."""
+    conn = db.connection
+    if conn is None:
+        if cursor is not None and _guarded(db):
+            db.ensure_connection()
+            _rebind(cursor, db)
+        return
+    if conn is not db._dbk_conn or not _guarded(db):
+        return  # being opened right now (connect() runs set_autocommit), or not ours
+    now = _now()
+    idle = now - db._dbk_last
+    in_tx = _in_transaction(db)
+    lost = db._dbk_lost
+    if lost is not None:
+        if in_tx:
+            raise _lost_in_transaction(db, f"disconnected: {lost.kind}", idle)
+        _discard(db, "fork" if lost is _FORK else "disconnected", idle)
+    elif db.vendor == "mysql":
+        _check_mysql(db, idle, in_tx)
+    elif not in_tx and _obsolete(db, now):
+        _discard(db, "max_age", idle, graceful=True)
+    if cursor is not None and db.vendor == "mysql":
+        db.ensure_connection()
+        _rebind(cursor, db)
+
+
+def _obsolete(db: Any, now: float) -> bool:
+    # CONN_MAX_AGE = 0 means "per request" (Django closes it at the request's end), not
+    # "close before every statement".
+    return bool(
+        db.settings_dict.get("CONN_MAX_AGE") and db.close_at is not None and now >= db.close_at
+    )
+
+
+def _check_mysql(db: Any, idle: float, in_tx: bool) -> None:
+    cfg: AliasSettings = db._dbk_cfg
+    if not in_tx and _obsolete(db, _now()):
+        _discard(db, "max_age", idle, graceful=True)
+        return
+    readable = _peek(db)
+    if readable:
+        # EOF or an unsolicited error packet: the server closed or killed the session.
+        if in_tx:
+            _mark_lost(db, Disconnect(2006, "gone", not_sent=True, retryable=True))
+            raise _lost_in_transaction(db, "the server closed the connection", idle)
+        _discard(db, "disconnected", idle)
+        return
+    pinged = False
+    if db._dbk_limit is None:
+        try:
+            db._dbk_wait = _read_wait_timeout(db.connection)
+        except Exception as exc:
+            if classify(exc) is None:
+                # A proxy that cannot answer it: rely on the peek and the ping alone.
+                logger.warning(
+                    "dbkeepalive: could not read wait_timeout on %r (%s); set "
+                    "DBKEEPALIVE['WAIT_TIMEOUT'] to give the guard an idle limit",
+                    db.alias,
+                    type(exc).__name__,
+                )
+                db._dbk_wait = INF
+            else:
+                _ping_failed(db, idle, in_tx, exc)
+                return
+        db._dbk_limit = _limit_for(db._dbk_wait, cfg)
+        pinged = True
+    limit: float = db._dbk_limit
+    if idle > limit:
+        over = db._dbk_over
+        if over is None or idle > over[0]:
+            db._dbk_over = (idle, limit)
+        if in_tx:
+            if idle >= db._dbk_wait:
+                # The server has closed it, or a network device dropped it silently:
+                # either way the transaction is gone; do not wait on the socket.
+                _mark_lost(db, Disconnect(2013, "idle_timeout", False, True))
+                raise _lost_in_transaction(db, "idle past the server's wait_timeout", idle)
+            return  # still inside wait_timeout: the session is alive, go on
+        _discard(db, "idle", idle)
+        return
+    ping_after = cfg.ping_after
+    if not pinged and ping_after is not None and idle > ping_after:
+        try:
+            _ping(db.connection)
+        except Exception as exc:
+            _ping_failed(db, idle, in_tx, exc)
+
+
+def _ping_failed(db: Any, idle: float, in_tx: bool, exc: BaseException) -> None:
+    if in_tx:
+        _mark_lost(db, Disconnect(2013, "lost", False, True))
+        raise _lost_in_transaction(db, "the connection check failed", idle, exc) from exc
+    _discard(db, "ping_failed", idle)
+
+
+def _failed(db: Any, cursor: Any, exc: BaseException, retry: Callable[[], Any] | None) -> Any:
+    """A statement failed. Re-raise, raise ``ConnectionLostInTransaction``, or re-run it.
+
+    ``retry`` re-runs the statement; it is given only when running it again could not
+    write anything twice. Called inside the ``except`` block of the wrapper.
+    """
+    if not _guarded(db) or db.connection is None:
+        raise exc
+    if not isinstance(exc, Exception):
+        # Interrupted mid-statement (Ctrl-C): the protocol state is unknown.
+        if db.vendor == "mysql":
+            _mark_lost(db, _UNKNOWN_STATE)
+        raise exc
+    found = classify(exc)
+    if found is None:
+        db._dbk_last = _now()
+        raise exc
+    idle = _now() - db._dbk_last if db._dbk_last != -INF else 0.0
+    if _in_transaction(db):
+        _mark_lost(db, found)
+        raise _lost_in_transaction(db, f"error {found.code}: {found.kind}", idle, exc) from exc
+    _mark_lost(db, found)
+    _discard(db, "disconnected", idle)
+    if retry is None or not found.retryable:
+        _add_note(exc, db, found)
+        raise exc
+    db.ensure_connection()
+    if cursor is not None:
+        _rebind(cursor, db)
+    logger.info(
+        "dbkeepalive: re-running a statement on a new %r connection after error %s (%s)",
+        db.alias,
+        found.code,
+        found.kind,
+    )
+    try:
+        result = retry()
+    except Exception as again:
+        again_found = classify(again)
+        if again_found is not None:
+            _mark_lost(db, again_found)
+            _discard(db, "disconnected", 0.0)
+        raise
+    db._dbk_last = _now()
+    return result
+
+
+def _add_note(exc: BaseException, db: Any, found: Disconnect) -> None:
+    if not hasattr(exc, "add_note"):
+        return
+    if found.kind == "too_large":
+        text = (
+            f"django-dbkeepalive: the statement on {db.alias!r} was larger than the "
+            "server's max_allowed_packet, so the server closed the connection. Raise "
+            "max_allowed_packet or send smaller statements; the next statement reconnects."
+        )
+    else:
+        text = (
+            f"django-dbkeepalive: the connection {db.alias!r} was lost ({found.kind}, "
+            f"error {found.code}) while this statement was in flight; it was not run "
+            "again because it may have been applied. Check whether it took effect "
+            "before retrying it. The next statement uses a new connection."
+        )
+    exc.add_note(text)
+
+
+# -------------------------------------------------------------------- the wrappers
+
+
+def _wrap_execute(original: Callable[..., Any]) -> Callable[..., Any]:
+    def execute(self: Any, sql: Any, params: Any = None, _now: Any = _now) -> Any:
+        db = self.db
+        if _now() - db._dbk_last > db._dbk_next:
+            _before(db, self)
+        try:
+            result = original(self, sql, params)
+        except BaseException as exc:
+            retry = None
+            if not _in_transaction(db):
+                found = classify(exc)
+                if found is not None and (
+                    found.not_sent
+                    or (db._dbk_cfg is not None and db._dbk_cfg.retry_reads and is_retryable_read(sql))
+                ):
+                    def retry() -> Any:
+                        return original(self, sql, params)
+            return _failed(db, self, exc, retry)
+        db._dbk_last = _now()
+        return result
+
+    execute.__wrapped__ = original  # type: ignore[attr-defined]
+    execute.__doc__ = original.__doc__
+    return execute
+
+
+def _wrap_executemany(original: Callable[..., Any]) -> Callable[..., Any]:
+    def executemany(self: Any, sql: Any, param_list: Any, _now: Any = _now) -> Any:
+        db = self.db
+        if _now() - db._dbk_last > db._dbk_next:
+            _before(db, self)
+        try:
+            result = original(self, sql, param_list)
+        except BaseException as exc:
+            retry = None
+            found = classify(exc)
+            if found is not None and found.not_sent and not _in_transaction(db):
+                def retry() -> Any:
+                    return original(self, sql, param_list)
+            return _failed(db, self, exc, retry)
+        db._dbk_last = _now()
+        return result
+
+    executemany.__wrapped__ = original  # type: ignore[attr-defined]
+    return executemany
+
+
+def _wrap_callproc(original: Callable[..., Any]) -> Callable[..., Any]:
+    def callproc(self: Any, procname: Any, params: Any = None, kparams: Any = None) -> Any:
+        db = self.db
+        if _now() - db._dbk_last > db._dbk_next:
+            _before(db, self)
+        try:
+            result = original(self, procname, params, kparams)
+        except BaseException as exc:
+            return _failed(db, self, exc, None)  # a procedure may write: never re-run
+        db._dbk_last = _now()
+        return result
+
+    callproc.__wrapped__ = original  # type: ignore[attr-defined]
+    return callproc
+
+
+def _wrap_set_autocommit(original: Callable[..., Any]) -> Callable[..., Any]:
+    def set_autocommit(
+        self: Any, autocommit: bool, force_begin_transaction_with_broken_autocommit: bool = False
+    ) -> Any:
+        if _now() - self._dbk_last > self._dbk_next:
+            _before(self)
+        entering = not autocommit and not _in_transaction(self)
+        try:
+            result = original(self, autocommit, force_begin_transaction_with_broken_autocommit)
+        except BaseException as exc:
+            retry = None
+            found = classify(exc)
+            if entering and found is not None and found.retryable:
+                # "SET autocommit=0" on a lost connection: nothing was written yet.
+                def retry() -> Any:
+                    return original(
+                        self, autocommit, force_begin_transaction_with_broken_autocommit
+                    )
+            return _failed(self, None, exc, retry)
+        self._dbk_last = _now()
+        return result
+
+    set_autocommit.__wrapped__ = original  # type: ignore[attr-defined]
+    return set_autocommit
+
+
+def _wrap_commit(original: Callable[..., Any]) -> Callable[..., Any]:
+    def commit(self: Any) -> Any:
+        if _now() - self._dbk_last > self._dbk_next:
+            _before(self)
+        try:
+            result = original(self)
+        except Exception as exc:
+            found = classify(exc)
+            if found is None or not _guarded(self) or self.connection is None:
+                raise
+            idle = _now() - self._dbk_last if self._dbk_last != -INF else 0.0
+            _mark_lost(self, found)
+            what = (
+                "the COMMIT never reached the server"
+                if found.not_sent
+                else "the COMMIT was sent but its reply was lost, so whether it was "
+                "applied is UNKNOWN: check the data before running the work again"
+            )
+            raise _lost_in_transaction(self, what, idle, exc) from exc
+        self._dbk_last = _now()
+        return result
+
+    commit.__wrapped__ = original  # type: ignore[attr-defined]
+    return commit
+
+
+def _wrap_rollback(original: Callable[..., Any]) -> Callable[..., Any]:
+    def rollback(self: Any) -> Any:
+        if self._dbk_lost is not None and not self.in_atomic_block and _guarded(self):
+            # The server rolled back when the connection died: drop it, don't wait on it.
+            _discard(self, "disconnected", _now() - self._dbk_last if self._dbk_last != -INF else 0.0)
+        elif _now() - self._dbk_last > self._dbk_next and not self.in_atomic_block:
+            try:
+                _before(self)
+            except ConnectionLostInTransaction:
+                _discard(self, "disconnected", 0.0)
+        result = original(self)
+        self._dbk_last = _now()
+        return result
+
+    rollback.__wrapped__ = original  # type: ignore[attr-defined]
+    return rollback
+
+
+def _safe_is_usable(original: Callable[..., Any]) -> Callable[..., Any]:
+    def is_usable(self: Any) -> bool:
+        if self.connection is not None and _is_pymysql(self.connection):
+            try:
+                self.connection.ping(reconnect=False)
+            except Exception:
+                return False
+            return True
+        return bool(original(self))
+
+    is_usable.__wrapped__ = original  # type: ignore[attr-defined]
+    return is_usable
+
+
+# ------------------------------------------------------------- explicit checks
+
+
+def check_idle(db: Any) -> None:
+    """Close ``db``'s connection if it is dead or idle past its limit (outside a
+    transaction only), without a round trip. Used at the edges of a unit of work."""
+    conn = db.connection
+    if conn is None or conn is not db._dbk_conn or _in_transaction(db):
+        return
+    idle = _now() - db._dbk_last
+    if db._dbk_lost is not None:
+        _discard(db, "disconnected", idle)
+    elif db.vendor != "mysql":
+        if _obsolete(db, _now()):
+            _discard(db, "max_age", idle, graceful=True)
+    elif _peek(db):
+        _discard(db, "disconnected", idle)
+    elif db._dbk_limit is not None and idle > db._dbk_limit:
+        _discard(db, "idle", idle)
+
+
+def close_connection(db: Any) -> None:
+    """Close ``db``'s connection; a dead one without waiting on its socket."""
+    if db.connection is None:
+        return
+    if db._dbk_lost is not None or _peek(db):
+        _detach_socket(db)
+    try:
+        db.close()
+    except Exception:  # closing a dead link: nothing to save
+        if not db.in_atomic_block:
+            db.connection = None
+
+
+def notify_closed(db: Any, reason: str) -> None:
+    """Report a connection that Django's own checks closed on the guard's behalf."""
+    idle = _now() - db._dbk_last if db._dbk_last not in (INF, -INF) else 0.0
+    _recycled(db, reason, idle)
+
+
+# ------------------------------------------------------------------------- fork
+
+
+def _after_fork_in_child() -> None:
+    """Drop every connection inherited from the parent without touching its socket."""
+    if not _installed:
+        return
+    me = threading.get_ident()
+    for db in list(_open_wrappers):
+        try:
+            conn = db.connection
+            if conn is None:
+                continue
+            _detach_socket(db)
+            if db.in_atomic_block and getattr(db, "_thread_ident", None) == me:
+                # Forked inside a transaction: the child cannot continue it.
+                _mark_lost(db, _FORK)
+                if db._dbk_next == INF:
+                    db._dbk_next = -1.0
+                continue
+            db.connection = None
+            db._dbk_conn = None
+            db._dbk_last = -INF
+            _open_wrappers.discard(db)
+            if getattr(db, "_thread_ident", None) == me:
+                try:
+                    conn.close()  # its socket is /dev/null now: frees the descriptor only
+                except Exception:
+                    pass
+                connection_recycled.send(sender=db.alias, reason="fork", idle=0.0)
+            else:
+                _inherited.append(conn)
+        except Exception:  # never break the child over a connection it won't use
+            logger.debug("dbkeepalive: could not detach a connection after fork", exc_info=True)
+
+
+# ---------------------------------------------------------------------- install
+
+
+_PATCHES: list[tuple[Any, str, Callable[[Callable[..., Any]], Callable[..., Any]]]] = [
+    (backend_utils.CursorWrapper, "execute", _wrap_execute),
+    (backend_utils.CursorWrapper, "executemany", _wrap_executemany),
+    (backend_utils.CursorWrapper, "callproc", _wrap_callproc),
+    (BaseDatabaseWrapper, "set_autocommit", _wrap_set_autocommit),
+    (BaseDatabaseWrapper, "commit", _wrap_commit),
+    (BaseDatabaseWrapper, "rollback", _wrap_rollback),
+]
+
+
+def install() -> None:
+    """Install the guard in this process (idempotent). Called by the app's ``ready()``."""
+    global _installed
+    with _install_lock:
+        if _installed:
+            return
+        for name, value in _CLASS_DEFAULTS.items():
+            setattr(BaseDatabaseWrapper, name, value)
+        for cls, name, wrap in _PATCHES:
+            original = cls.__dict__[name]
+            _originals[f"{cls.__name__}.{name}"] = original
+            setattr(cls, name, wrap(original))
+        try:
+            from django.db.backends.mysql.base import DatabaseWrapper as MySQLWrapper
+        except Exception:  # no MySQL driver installed: nothing of MySQL to guard
+            pass
+        else:
+            _originals["mysql.is_usable"] = MySQLWrapper.__dict__["is_usable"]
+            MySQLWrapper.is_usable = _safe_is_usable(MySQLWrapper.__dict__["is_usable"])
+        connection_created.connect(_on_connection_created, dispatch_uid="dbkeepalive-guard")
+        setting_changed.connect(_on_setting_changed, dispatch_uid="dbkeepalive-settings")
+        _installed = True
+        # Existing connections (opened before the app was ready) get their state now.
+        for db in connections.all(initialized_only=True):
+            if db.connection is not None:
+                _on_connection_created(type(db), db)
+
+
+def uninstall() -> None:
+    """Remove the guard (for tests and benchmarks that compare with plain Django)."""
+    global _installed
+    with _install_lock:
+        if not _installed:
+            return
+        for cls, name, _wrap in _PATCHES:
+            setattr(cls, name, _originals.pop(f"{cls.__name__}.{name}"))
+        original = _originals.pop("mysql.is_usable", None)
+        if original is not None:
+            from django.db.backends.mysql.base import DatabaseWrapper as MySQLWrapper
+
+            MySQLWrapper.is_usable = original
+        connection_created.disconnect(dispatch_uid="dbkeepalive-guard")
+        setting_changed.disconnect(dispatch_uid="dbkeepalive-settings")
+        for name in _CLASS_DEFAULTS:
+            if name in BaseDatabaseWrapper.__dict__:
+                delattr(BaseDatabaseWrapper, name)
+        _installed = False
+
+
+def is_installed() -> bool:
+    """Whether the guard is installed in this process."""
+    return _installed
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,24 @@
+"""Signals sent by the connection guard.
+
+``connection_recycled`` is sent whenever the guard closes or replaces a connection::
+
+    from django.dispatch import receiver
+    from django_dbkeepalive.signals import connection_recycled
+
+    @receiver(connection_recycled)
+    def count_recycles(sender, reason, idle, **kwargs):
+        # sender: the database alias ("default"); reason: "idle", "max_age",
+        # "ping_failed", "disconnected" or "fork"; idle: seconds since last use
+        statsd.incr(f"db.recycled.{sender}.{reason}")
+"""
+
+from __future__ import annotations
+
+from django.dispatch import Signal
+
+__all__ = ["REASONS", "connection_recycled"]
+
+#: The values ``reason`` can take.
+REASONS = ("idle", "max_age", "ping_failed", "disconnected", "fork")
+
+connection_recycled = Signal()
