@@ -296,16 +296,26 @@ def _lost_in_transaction(
     )
 
 
-def _rebind(cursor: Any, db: Any) -> None:
-    """Point a cursor object created before a reconnect at the new connection."""
+def _driver_cursor(cursor: Any) -> Any:
     inner = cursor.cursor
-    driver_cursor = getattr(inner, "cursor", inner)
-    if getattr(driver_cursor, "connection", None) is db.connection:
-        return
+    return getattr(inner, "cursor", inner)  # Django's MySQL backend wraps the driver's
+
+
+def _orphan(cursor: Any) -> None:
+    """Unbind a driver cursor from its dead connection, so closing it later is a no-op
+    (both drivers' ``close()`` would otherwise talk to the closed connection and raise
+    a raw driver error from the caller's cleanup code)."""
     try:
-        driver_cursor.close()
+        _driver_cursor(cursor).connection = None
     except Exception:
         pass
+
+
+def _rebind(cursor: Any, db: Any) -> None:
+    """Point a cursor object created before a reconnect at the new connection."""
+    if getattr(_driver_cursor(cursor), "connection", None) is db.connection:
+        return
+    _orphan(cursor)
     cursor.cursor = db.create_cursor()
 
 
@@ -423,6 +433,8 @@ def _failed(db: Any, cursor: Any, exc: BaseException, retry: Callable[[], Any] |
         db._dbk_last = _now()
         raise exc
     idle = _now() - db._dbk_last if db._dbk_last != -INF else 0.0
+    if cursor is not None:
+        _orphan(cursor)
     if _in_transaction(db):
         _mark_lost(db, found)
         raise _lost_in_transaction(db, f"error {found.code}: {found.kind}", idle, exc) from exc

@@ -1,0 +1,313 @@
+"""The guard against real faults: wait_timeout, KILL, restart, idle inside transactions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from django.db import OperationalError, connection, transaction
+from django.test import Client, override_settings
+
+from django_dbkeepalive import ConnectionLostInTransaction
+from django_dbkeepalive.signals import connection_recycled
+from testproject.testapp.models import Item
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+Raw = Callable[..., list[tuple[Any, ...]]]
+
+
+@pytest.fixture
+def recycles() -> Iterator[list[tuple[str, str, float]]]:
+    """Every ``connection_recycled`` signal sent during the test: (alias, reason, idle)."""
+    seen: list[tuple[str, str, float]] = []
+
+    def receiver(sender: str, reason: str, idle: float, **kwargs: Any) -> None:
+        seen.append((sender, reason, idle))
+
+    connection_recycled.connect(receiver)
+    yield seen
+    connection_recycled.disconnect(receiver)
+
+
+def thread_id() -> int:
+    connection.ensure_connection()
+    return int(connection.connection.thread_id())
+
+
+def keys(raw: Raw) -> list[str]:
+    return [row[0] for row in raw("SELECT `key` FROM testapp_item ORDER BY id")]
+
+
+def test_read_after_idle_past_server_wait_timeout_reconnects(
+    set_wait_timeout, server, recycles, driver
+):
+    set_wait_timeout(2)
+    assert Item.objects.count() == 0
+    before = server.connections_total()
+    time.sleep(3)
+    assert Item.objects.count() == 0
+    assert server.connections_total() == before + 1
+    assert [r[1] for r in recycles] in (["disconnected"], ["idle"])
+
+
+def test_write_after_idle_past_server_wait_timeout_saves_exactly_one_row(
+    set_wait_timeout, raw, recycles
+):
+    set_wait_timeout(2)
+    Item.objects.create(key="before")
+    time.sleep(3)
+    Item.objects.create(key="after")
+    assert keys(raw) == ["before", "after"]
+    assert len(recycles) == 1
+
+
+def test_long_request_reads_sleeps_past_wait_timeout_and_saves(set_wait_timeout, raw):
+    set_wait_timeout(2)
+    Item.objects.create(key="existing")
+    response = Client().get("/long/", {"sleep": "3", "key": "from-request"})
+    assert response.status_code == 200
+    assert response.json() == {"count": 1}
+    assert keys(raw) == ["existing", "from-request"]
+
+
+def test_atomic_as_first_operation_after_idle_commits(set_wait_timeout, raw):
+    set_wait_timeout(2)
+    Item.objects.create(key="a")
+    time.sleep(3)
+    with transaction.atomic():
+        Item.objects.create(key="b")
+        Item.objects.create(key="c")
+    assert keys(raw) == ["a", "b", "c"]
+
+
+def test_cursor_created_before_idle_works_after_it(set_wait_timeout, raw):
+    set_wait_timeout(2)
+    cursor = connection.cursor()
+    cursor.execute("SELECT 1")
+    time.sleep(3)
+    cursor.execute(
+        "INSERT INTO testapp_item (`key`, value, created) VALUES ('x', 1, NOW())"
+    )
+    cursor.execute("SELECT COUNT(*) FROM testapp_item")
+    assert cursor.fetchone() == (1,)
+    assert keys(raw) == ["x"]
+
+
+def test_proactive_recycle_before_the_server_closes_it(recycles, server):
+    cursor = connection.cursor()
+    cursor.execute("SET SESSION wait_timeout = 2")
+    cursor.execute("SELECT 1")
+    time.sleep(0.3)  # first pause: the guard reads the session's wait_timeout
+    cursor.execute("SELECT 1")
+    assert connection._dbk_wait == 2.0
+    assert connection._dbk_limit == 1.0  # 2 s minus a margin capped at half of it
+    old = thread_id()
+    time.sleep(1.4)  # past the limit, still inside wait_timeout: the session is alive
+    assert old in [p["id"] for p in server.processlist()]
+    cursor.execute("SELECT 2")
+    assert cursor.fetchone() == (2,)
+    assert thread_id() != old
+    assert [r[1] for r in recycles] == ["idle"]
+
+
+def test_configured_wait_timeout_is_used_without_asking_the_server(recycles):
+    with override_settings(DBKEEPALIVE={"WAIT_TIMEOUT": 2, "MARGIN": 0.5}):
+        connection.close()
+        Item.objects.count()
+        assert connection._dbk_limit == 1.5
+        time.sleep(1.7)
+        Item.objects.count()
+    assert [r[1] for r in recycles] == ["idle"]
+
+
+def test_kill_then_read_and_write_succeed(server, raw, recycles):
+    Item.objects.create(key="a")
+    server.kill(thread_id())
+    time.sleep(0.3)
+    assert Item.objects.count() == 1
+    server.kill(thread_id())
+    time.sleep(0.3)
+    Item.objects.create(key="b")
+    assert keys(raw) == ["a", "b"]
+    assert [r[1] for r in recycles] == ["disconnected", "disconnected"]
+
+
+@pytest.mark.restart
+def test_server_restart_then_read_and_write_succeed(server, raw):
+    Item.objects.create(key="a")
+    server.restart()
+    assert Item.objects.count() == 1
+    server.restart()
+    Item.objects.create(key="b")
+    assert keys(raw) == ["a", "b"]
+
+
+def test_idle_inside_atomic_raises_commits_nothing_and_recovers(set_wait_timeout, raw):
+    set_wait_timeout(2)
+    with pytest.raises(ConnectionLostInTransaction) as caught:
+        with transaction.atomic():
+            Item.objects.create(key="first")
+            time.sleep(3)
+            Item.objects.create(key="second")
+    message = str(caught.value)
+    assert "'default'" in message and "idle 3." in message and "rolled" in message
+    assert isinstance(caught.value, OperationalError)
+    assert caught.value.alias == "default" and caught.value.idle >= 3
+    assert keys(raw) == []
+    Item.objects.create(key="after")
+    assert keys(raw) == ["after"]
+
+
+def test_kill_inside_atomic_raises_and_nothing_is_committed(server, raw):
+    with pytest.raises(ConnectionLostInTransaction):
+        with transaction.atomic():
+            Item.objects.create(key="first")
+            server.kill(thread_id())
+            time.sleep(0.3)
+            Item.objects.create(key="second")
+    assert keys(raw) == []
+    assert Item.objects.count() == 0
+
+
+def test_idle_before_commit_raises_instead_of_committing_nothing(set_wait_timeout, raw):
+    set_wait_timeout(2)
+    with pytest.raises(ConnectionLostInTransaction):
+        with transaction.atomic():
+            Item.objects.create(key="first")
+            time.sleep(3)
+    assert keys(raw) == []
+    Item.objects.create(key="after")
+    assert keys(raw) == ["after"]
+
+
+def test_nested_atomic_lost_connection_rolls_back_whole_block(server, raw):
+    with pytest.raises(ConnectionLostInTransaction):
+        with transaction.atomic():
+            Item.objects.create(key="outer")
+            with transaction.atomic():
+                Item.objects.create(key="inner")
+                server.kill(thread_id())
+                time.sleep(0.3)
+                Item.objects.create(key="inner2")
+    assert keys(raw) == []
+    assert Item.objects.count() == 0
+
+
+def test_manual_transaction_lost_stays_manual_after_rollback(server, raw):
+    transaction.set_autocommit(False)
+    try:
+        Item.objects.create(key="lost")
+        server.kill(thread_id())
+        time.sleep(0.3)
+        with pytest.raises(ConnectionLostInTransaction):
+            Item.objects.create(key="lost2")
+        transaction.rollback()
+        assert transaction.get_autocommit() is False
+        Item.objects.create(key="kept")
+        assert keys(raw) == []  # not committed yet: still a manual transaction
+        transaction.commit()
+        assert keys(raw) == ["kept"]
+    finally:
+        transaction.set_autocommit(True)
+
+
+@override_settings(DBKEEPALIVE={"PEEK_AFTER": 1000})
+def test_read_that_hits_a_dead_connection_is_rerun_once(server, recycles):
+    Item.objects.create(key="a")
+    before = server.connections_total()
+    server.kill(thread_id())
+    time.sleep(0.3)
+    assert list(Item.objects.values_list("key", flat=True)) == ["a"]
+    assert server.connections_total() == before + 1
+    assert [r[1] for r in recycles] == ["disconnected"]
+
+
+@override_settings(DBKEEPALIVE={"PEEK_AFTER": 1000})
+def test_write_whose_fate_is_unknown_is_not_rerun(server, raw):
+    server.kill(thread_id())
+    time.sleep(0.3)
+    with pytest.raises(OperationalError) as caught:
+        Item.objects.create(key="maybe")
+    assert caught.value.args[0] in (2013, 2006, 1927)
+    assert "not run again" in " ".join(getattr(caught.value, "__notes__", []))
+    assert keys(raw) == []  # the killed session never ran it, and it was not re-run
+    Item.objects.create(key="next")  # the next statement reconnects
+    assert keys(raw) == ["next"]
+
+
+@override_settings(DBKEEPALIVE={"PEEK_AFTER": 1000, "RETRY_READS": False})
+def test_reads_are_not_rerun_when_retry_reads_is_off(server):
+    Item.objects.count()
+    server.kill(thread_id())
+    time.sleep(0.3)
+    with pytest.raises(OperationalError):
+        Item.objects.count()
+    assert Item.objects.count() == 0
+
+
+@override_settings(DBKEEPALIVE={"PEEK_AFTER": 1000})
+def test_session_dependent_read_is_not_rerun(server):
+    Item.objects.count()
+    server.kill(thread_id())
+    time.sleep(0.3)
+    cursor = connection.cursor()
+    with pytest.raises(OperationalError):
+        cursor.execute("SELECT LAST_INSERT_ID()")
+    cursor.execute("SELECT 1")
+    assert cursor.fetchone() == (1,)
+
+
+@override_settings(DBKEEPALIVE={"PEEK_AFTER": 1000})
+def test_driver_interface_error_never_reaches_code_after_a_disconnect(server):
+    cursor = connection.cursor()
+    cursor.execute("SELECT 1")
+    server.kill(thread_id())
+    time.sleep(0.3)
+    with pytest.raises(OperationalError):
+        cursor.execute(
+            "INSERT INTO testapp_item (`key`, value, created) VALUES ('x', 1, NOW())"
+        )
+    # PyMySQL would now raise InterfaceError(0, '') on every statement of this cursor.
+    for _ in range(3):
+        cursor.execute("SELECT COUNT(*) FROM testapp_item")
+        assert cursor.fetchone() == (0,)
+
+
+def test_hot_path_sends_nothing_but_the_statements(server):
+    cursor = connection.cursor()
+    cursor.execute("SELECT 1")
+    time.sleep(0.3)  # let the guard read wait_timeout once
+    cursor.execute("SHOW SESSION STATUS LIKE 'Questions'")
+    start = int(cursor.fetchone()[1])
+    for _ in range(200):
+        cursor.execute("SELECT 1")
+    cursor.execute("SHOW SESSION STATUS LIKE 'Questions'")
+    assert int(cursor.fetchone()[1]) == start + 201
+
+
+def test_guard_off_leaves_connections_to_django(set_wait_timeout):
+    with override_settings(DBKEEPALIVE={"AUTO_GUARD": False}):
+        set_wait_timeout(2)
+        Item.objects.count()
+        time.sleep(3)
+        with pytest.raises(OperationalError):
+            Item.objects.count()
+    connection.close()
+
+
+def test_conn_max_age_is_enforced_between_statements(recycles, settings):
+    connection.close()
+    connection.settings_dict["CONN_MAX_AGE"] = 1
+    try:
+        Item.objects.count()
+        old = thread_id()
+        time.sleep(1.2)
+        Item.objects.count()
+        assert thread_id() != old
+        assert [r[1] for r in recycles] == ["max_age"]
+    finally:
+        connection.settings_dict["CONN_MAX_AGE"] = 0
+        connection.close()
