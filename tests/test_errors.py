@@ -1,0 +1,126 @@
+"""The one predicate that decides "is this a disconnect", and which reads may be re-run."""
+
+from __future__ import annotations
+
+import MySQLdb
+import pymysql
+import pytest
+from django.db import connection
+from django.db.utils import InterfaceError, OperationalError
+
+from django_dbkeepalive.errors import DISCONNECT_CODES, classify, is_disconnect, is_retryable_read
+
+
+@pytest.mark.parametrize(
+    "exc, code, not_sent",
+    [
+        (MySQLdb.OperationalError(2006, "Server has gone away"), 2006, True),  # libmariadb
+        (MySQLdb.OperationalError(2006, "MySQL server has gone away"), 2006, True),
+        (MySQLdb.OperationalError(2013, "Lost connection to server during query"), 2013, False),
+        (pymysql.err.OperationalError(2013, "Lost connection to MySQL server during query"), 2013, False),
+        (pymysql.err.OperationalError(2006, "MySQL server has gone away (BrokenPipeError(32, 'Broken pipe'))"), 2006, True),
+        (pymysql.err.InterfaceError(0, ""), 0, True),
+        (pymysql.err.OperationalError(4031, "The client was disconnected by the server because of inactivity."), 4031, True),
+        (pymysql.err.OperationalError(1927, "Connection was killed"), 1927, False),
+        (pymysql.err.OperationalError(1053, "Server shutdown in progress"), 1053, False),
+        (pymysql.err.OperationalError(2055, "Lost connection to server at 'reading initial communication packet', system error: 104"), 2055, False),
+        (ConnectionResetError(104, "Connection reset by peer"), -1, False),
+    ],
+)
+def test_disconnects_of_both_drivers_are_recognised_by_code_not_text(exc, code, not_sent):
+    found = classify(exc)
+    assert found is not None
+    assert found.code == code
+    assert found.not_sent is not_sent
+
+
+def test_django_wrapped_errors_are_recognised_through_cause():
+    driver_error = pymysql.err.InterfaceError(0, "")
+    wrapped = InterfaceError(*driver_error.args)
+    wrapped.__cause__ = driver_error
+    assert is_disconnect(wrapped)
+    outer = RuntimeError("task failed")
+    outer.__cause__ = OperationalError(2013, "Lost connection")
+    assert is_disconnect(outer)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        pymysql.err.IntegrityError(1062, "Duplicate entry 'a' for key 'key'"),
+        pymysql.err.OperationalError(1205, "Lock wait timeout exceeded"),
+        pymysql.err.OperationalError(1213, "Deadlock found"),
+        pymysql.err.ProgrammingError(1064, "You have an error in your SQL syntax"),
+        MySQLdb.OperationalError(1045, "Access denied"),
+        ValueError("2006"),
+    ],
+)
+def test_other_errors_are_not_disconnects(exc):
+    assert classify(exc) is None
+
+
+def test_packet_too_large_is_a_disconnect_that_is_never_retried():
+    found = classify(pymysql.err.OperationalError(1153, "Got a packet bigger than 'max_allowed_packet' bytes"))
+    assert found is not None and found.kind == "too_large" and not found.retryable
+
+
+def test_disconnect_codes_cover_the_documented_ones():
+    assert {2006, 2013, 2055, 4031, 1927, 1053} <= DISCONNECT_CODES
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT 1",
+        "  select * from t where id = %s",
+        "/* comment */ SELECT a FROM b",
+        "-- note\nSELECT 1",
+        "(SELECT 1) UNION (SELECT 2)",
+        "SHOW SESSION STATUS LIKE 'Questions'",
+        "EXPLAIN SELECT 1",
+        "WITH x AS (SELECT 1) SELECT * FROM x",
+        b"SELECT 1",
+    ],
+)
+def test_reads_may_be_rerun(sql):
+    assert is_retryable_read(sql)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "INSERT INTO t VALUES (1)",
+        "UPDATE t SET a = 1",
+        "DELETE FROM t",
+        "REPLACE INTO t VALUES (1)",
+        "SELECT * FROM t FOR UPDATE",
+        "SELECT a INTO @x FROM t",
+        "SELECT LAST_INSERT_ID()",
+        "SELECT FOUND_ROWS()",
+        "SELECT GET_LOCK('job', 10)",
+        "SELECT @counter",
+        "SELECT NEXTVAL(seq)",
+        "SET SESSION wait_timeout = 5",
+        "CALL proc()",
+        None,
+    ],
+)
+def test_writes_and_session_dependent_reads_are_never_rerun(sql):
+    assert not is_retryable_read(sql)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_real_kill_is_classified_for_the_driver_in_use(server, driver):
+    connection.ensure_connection()
+    raw_conn = connection.connection
+    server.kill(raw_conn.thread_id())
+    import time
+
+    time.sleep(0.3)
+    cursor = raw_conn.cursor()  # the driver itself, below the guard
+    with pytest.raises(Exception) as caught:
+        cursor.execute("SELECT 1")
+    found = classify(caught.value)
+    assert found is not None, repr(caught.value)
+    assert found.code in (2006, 2013, 1927)
+    connection.connection = None

@@ -1,0 +1,157 @@
+"""``fresh_connection`` and ``keepalive_job`` in all their forms."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.db import connection, transaction
+from django.test import override_settings
+from django.utils.connection import ConnectionDoesNotExist
+
+from django_dbkeepalive import fresh_connection, keepalive_job
+from testproject.testapp.models import Item
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def thread_id() -> int:
+    connection.ensure_connection()
+    return int(connection.connection.thread_id())
+
+
+@override_settings(DBKEEPALIVE={"WAIT_TIMEOUT": 2})
+def test_context_manager_closes_a_connection_idle_past_its_limit():
+    connection.close()
+    Item.objects.count()
+    old = thread_id()
+    time.sleep(1.2)  # limit: 2 s minus a margin capped at 1 s
+    with fresh_connection():
+        assert connection.connection is None  # closed: the next query reconnects
+        Item.objects.create(key="a")
+    assert thread_id() != old
+
+
+def test_context_manager_closes_a_connection_the_server_killed(server):
+    Item.objects.count()
+    server.kill(thread_id())
+    time.sleep(0.3)
+    with fresh_connection("default"):
+        assert connection.connection is None
+    assert Item.objects.count() == 0
+
+
+def test_close_true_releases_connections_on_exit(server):
+    with fresh_connection(close=True):
+        Item.objects.create(key="a")
+        tid = thread_id()
+        assert tid in [p["id"] for p in server.processlist()]
+    assert connection.connection is None
+    from tests.conftest import wait_for
+
+    assert wait_for(lambda: tid not in [p["id"] for p in server.processlist()])
+
+
+def test_a_healthy_recent_connection_is_kept(settings):
+    connection.settings_dict["CONN_MAX_AGE"] = 60
+    try:
+        connection.close()
+        Item.objects.count()
+        old = thread_id()
+        with fresh_connection():
+            Item.objects.count()
+        assert thread_id() == old
+    finally:
+        connection.settings_dict["CONN_MAX_AGE"] = 0
+
+
+def test_inside_an_atomic_block_nothing_is_closed(server):
+    with transaction.atomic():
+        Item.objects.create(key="a")
+        old = thread_id()
+        with fresh_connection(close=True):
+            assert thread_id() == old
+        Item.objects.create(key="b")
+    assert Item.objects.count() == 2
+
+
+def test_sync_decorator_with_and_without_arguments(server):
+    calls = []
+
+    @fresh_connection
+    def bare() -> int:
+        calls.append("bare")
+        return Item.objects.count()
+
+    @fresh_connection(using=["default"], close=True)
+    def with_args() -> int:
+        calls.append("args")
+        return Item.objects.create(key="k").pk
+
+    assert bare() == 0
+    assert with_args() > 0
+    assert connection.connection is None  # close=True
+    assert calls == ["bare", "args"]
+    assert bare.__name__ == "bare"
+
+
+def test_async_decorator_and_async_with(server):
+    @fresh_connection(close=True)
+    async def job() -> int:
+        await Item.objects.acreate(key="async")
+        return await Item.objects.acount()
+
+    async def main() -> int:
+        first = await job()
+        async with fresh_connection():
+            await Item.objects.acreate(key="with")
+        return first
+
+    assert asyncio.run(main()) == 1
+    assert sorted(Item.objects.values_list("key", flat=True)) == ["async", "with"]
+
+
+def test_unknown_alias_gets_a_clear_error():
+    with pytest.raises(ConnectionDoesNotExist) as caught:
+        with fresh_connection("replica"):
+            pass
+    message = str(caught.value)
+    assert "'replica' is not a database alias" in message and "default" in message
+
+
+def test_keepalive_job_bare_and_with_arguments_survive_quiet_periods(set_wait_timeout):
+    set_wait_timeout(2)
+
+    @keepalive_job
+    def job(key: str) -> None:
+        Item.objects.create(key=key)
+
+    @keepalive_job(using="default")
+    def other(key: str) -> None:
+        Item.objects.create(key=key)
+
+    job("1")
+    time.sleep(3)
+    other("2")
+    time.sleep(3)
+    job("3")
+    assert list(Item.objects.order_by("id").values_list("key", flat=True)) == ["1", "2", "3"]
+
+
+def test_keepalive_job_closes_obsolete_connections_after_the_job(server):
+    # CONN_MAX_AGE = 0 (the default): a pooled thread must not hoard its connection.
+    @keepalive_job
+    def job() -> int:
+        return thread_id()
+
+    def run_in_thread() -> int:
+        tid = job()
+        assert connection.connection is None
+        return tid
+
+    tid = asyncio.run(sync_to_async(run_in_thread, thread_sensitive=False)())
+    from tests.conftest import wait_for
+
+    assert wait_for(lambda: tid not in [p["id"] for p in server.processlist()])
