@@ -1,0 +1,68 @@
+# django-dbkeepalive developer tasks (GNU make). `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DRIVERS := mysqlclient pymysql
+PYTEST_ARGS ?=
+APT_PACKAGES := mariadb-server libmariadb-dev pkg-config
+# mariadbd lives in /usr/sbin, often not on a normal user's PATH.
+export PATH := $(PATH):/usr/sbin:/usr/local/sbin
+
+.PHONY: help deps venv test demo bench lint clean
+
+help: ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-7s %s\n", $$1, $$2}'
+	@echo "  PYTEST_ARGS='-k kill -x' make test   passes arguments to pytest"
+
+deps: ## check (as root: install) MariaDB server binaries and client headers
+	@missing=""; \
+	for cmd in mariadbd mariadb-install-db pkg-config; do \
+	  command -v $$cmd >/dev/null || missing="$$missing $$cmd"; \
+	done; \
+	pkg-config --exists libmariadb 2>/dev/null || mysql_config --version >/dev/null 2>&1 \
+	  || missing="$$missing libmariadb-headers"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	echo "missing:$$missing"; \
+	if [ "$$(id -u)" != 0 ]; then echo "sudo apt-get install -y $(APT_PACKAGES)"; exit 1; fi; \
+	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $(APT_PACKAGES)
+# Installing mariadb-server may start the system service: harmless, the tests
+# always start their own private server and never use it.
+
+venv: $(VENV)/.installed ## create .venv and install the package with test and lint extras
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	@$(MAKE) --no-print-directory deps
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -e '.[test,lint]'
+	touch $@
+
+test: venv ## run the tests with mysqlclient, then with PyMySQL
+	@status=0; summary=""; \
+	for d in $(DRIVERS); do \
+	  echo "=== DBK_DRIVER=$$d ==="; \
+	  log=$$(mktemp); \
+	  DBK_DRIVER=$$d $(PY) -m pytest $(PYTEST_ARGS) 2>&1 | tee $$log; \
+	  rc=$${PIPESTATUS[0]}; \
+	  last=$$(tail -n 1 $$log | sed -E 's/^=+ //; s/ =+$$//'); rm -f $$log; \
+	  if [ $$rc = 0 ]; then r=ok; else r="FAILED (exit $$rc)"; status=1; fi; \
+	  summary="$$summary$$d: $$r: $$last"$$'\n'; \
+	done; \
+	printf '%s' "$$summary"; exit $$status
+
+demo: venv ## run the demo (testproject/demo.py)
+	$(PY) -m testproject.demo
+
+bench: venv ## run the benchmarks
+	$(PY) benchmarks/run.py
+
+lint: venv ## ruff and mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy django_dbkeepalive
+
+clean: ## remove caches and build artifacts (keeps .venv)
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .tox
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""A real Django project for django-dbkeepalive's tests, demo and benchmarks."""

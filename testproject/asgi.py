@@ -1,0 +1,8 @@
+"""ASGI entry point: ``uvicorn testproject.asgi:application`` from the repository root."""
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "testproject.settings")
+application = get_asgi_application()

@@ -1,0 +1,81 @@
+"""Settings for the test project; the database comes from ``DBK_*`` environment variables.
+
+DBK_DB_HOST, DBK_DB_PORT, DBK_DB_USER, DBK_DB_PASSWORD, DBK_DB_NAME: the server.
+DBK_DRIVER: ``mysqlclient`` (default) or ``pymysql``.
+DBK_APP: ``1`` (default) installs django_dbkeepalive, ``0`` shows plain Django.
+DBK_CONN_MAX_AGE: seconds, or ``None`` for unlimited persistent connections (default 0).
+"""
+
+from __future__ import annotations
+
+import os
+
+from django.core.exceptions import ImproperlyConfigured
+
+DRIVER = os.environ.get("DBK_DRIVER", "mysqlclient")
+if DRIVER == "pymysql":
+    # Must run before anything imports django.db.backends.mysql (it imports MySQLdb).
+    import pymysql
+
+    pymysql.install_as_MySQLdb()
+elif DRIVER != "mysqlclient":
+    raise ImproperlyConfigured(
+        f"DBK_DRIVER must be 'mysqlclient' or 'pymysql', not {DRIVER!r}"
+    )
+
+APP_ENABLED = os.environ.get("DBK_APP", "1") != "0"
+
+
+def _conn_max_age() -> int | None:
+    value = os.environ.get("DBK_CONN_MAX_AGE", "0")
+    return None if value.lower() == "none" else int(value)
+
+
+SECRET_KEY = "dbkeepalive-testproject-not-secret"
+DEBUG = False
+ALLOWED_HOSTS = ["*"]
+USE_TZ = True
+TIME_ZONE = "UTC"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "testproject.testapp",
+]
+if APP_ENABLED:
+    INSTALLED_APPS.append("django_dbkeepalive")
+
+MIDDLEWARE = ["django.middleware.common.CommonMiddleware"]
+ROOT_URLCONF = "testproject.urls"
+WSGI_APPLICATION = "testproject.wsgi.application"
+
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.mysql",
+        "HOST": os.environ.get("DBK_DB_HOST", "127.0.0.1"),
+        "PORT": int(os.environ.get("DBK_DB_PORT", "3306")),
+        "USER": os.environ.get("DBK_DB_USER", "root"),
+        "PASSWORD": os.environ.get("DBK_DB_PASSWORD", ""),
+        "NAME": os.environ.get("DBK_DB_NAME", "dbkeepalive"),
+        "CONN_MAX_AGE": _conn_max_age(),
+        "OPTIONS": {
+            "charset": "utf8mb4",
+            "connect_timeout": 5,
+            "read_timeout": 30,
+            "write_timeout": 30,
+        },
+        # CHARSET: MariaDB's default server charset is latin1.
+        "TEST": {"NAME": "test_dbkeepalive", "CHARSET": "utf8mb4"},
+    }
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "loggers": {"django_dbkeepalive": {"handlers": ["console"], "level": "INFO"}},
+}
