@@ -134,8 +134,7 @@ def _alias_problems(value: object, aliases: list[str] | None) -> list[Problem]:
                 "DATABASES",
                 f"{SETTING_NAME}['DATABASES'] is a {type(value).__name__}; "
                 f"it must be {_ALLOWED['DATABASES']}.",
-                f"Example: {SETTING_NAME} = {{'DATABASES': {{'default': "
-                "{'MARGIN': 10}}}.",
+                f"Example: {SETTING_NAME} = {{'DATABASES': {{'default': {{'MARGIN': 10}}}}}}.",
             )
         ]
     problems = []
@@ -155,8 +154,7 @@ def _alias_problems(value: object, aliases: list[str] | None) -> list[Problem]:
             problems.append(
                 Problem(
                     where,
-                    f"{SETTING_NAME}[{where}] is a {type(overrides).__name__}; it "
-                    "must be a dict.",
+                    f"{SETTING_NAME}[{where}] is a {type(overrides).__name__}; it must be a dict.",
                     f"Use keys among {', '.join(DEFAULTS)}.",
                 )
             )
@@ -182,14 +180,10 @@ class Settings:
 
     def validate(self) -> None:
         """Raise ``ImproperlyConfigured`` naming every invalid key and its fix."""
-        problems = find_problems(
-            getattr(settings, SETTING_NAME, None), list(settings.DATABASES)
-        )
+        problems = find_problems(getattr(settings, SETTING_NAME, None), list(settings.DATABASES))
         if problems:
             lines = [f"- {p.message} {p.hint}" for p in problems]
-            raise ImproperlyConfigured(
-                f"Invalid {SETTING_NAME} setting:\n" + "\n".join(lines)
-            )
+            raise ImproperlyConfigured(f"Invalid {SETTING_NAME} setting:\n" + "\n".join(lines))
 
     def for_alias(self, alias: str) -> AliasSettings:
         """The settings in force for ``alias``: defaults, top level, then overrides."""
@@ -200,9 +194,7 @@ class Settings:
         if isinstance(overrides, Mapping):
             alias_overrides = overrides.get(alias, {})
             if isinstance(alias_overrides, Mapping):
-                merged.update(
-                    {k: v for k, v in alias_overrides.items() if k in DEFAULTS}
-                )
+                merged.update({k: v for k, v in alias_overrides.items() if k in DEFAULTS})
         return AliasSettings(
             auto_guard=bool(merged["AUTO_GUARD"]),
             margin=float(merged["MARGIN"]),
@@ -210,9 +202,7 @@ class Settings:
                 None if merged["WAIT_TIMEOUT"] is None else float(merged["WAIT_TIMEOUT"])
             ),
             peek_after=float(merged["PEEK_AFTER"]),
-            ping_after=(
-                None if merged["PING_AFTER"] is None else float(merged["PING_AFTER"])
-            ),
+            ping_after=(None if merged["PING_AFTER"] is None else float(merged["PING_AFTER"])),
             retry_reads=bool(merged["RETRY_READS"]),
         )
 

@@ -17,13 +17,15 @@ untouched or unguarded wrapper skip the guard.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
 import threading
 import time
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from django.core.signals import setting_changed
 from django.db import connections
@@ -218,6 +220,7 @@ def _on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:
 def _on_setting_changed(setting: str, **kwargs: Any) -> None:
     if setting != "DBKEEPALIVE":
         return
+    db: Any
     for db in connections.all(initialized_only=True):
         if db.connection is not None and db.connection is db._dbk_conn:
             cfg = conf.for_alias(db.alias)
@@ -248,10 +251,8 @@ def _discard(db: Any, reason: str, idle: float, *, graceful: bool = False) -> No
         _detach_socket(db)
     if not db.autocommit and not db.in_atomic_block:
         db._dbk_manual = True
-    try:
+    with contextlib.suppress(Exception):  # the driver's close of a dead link
         db.close()
-    except Exception:  # the driver's close of a dead link; nothing to save
-        pass
     if not db.in_atomic_block:
         db.connection = None
     db._dbk_conn = None
@@ -291,9 +292,7 @@ def _lost_in_transaction(
     if cause is not None:
         found = classify(cause)
         code = found.code if found is not None and found.code > 0 else None
-    return ConnectionLostInTransaction(
-        message, alias=db.alias, idle=idle, limit=limit, code=code
-    )
+    return ConnectionLostInTransaction(message, alias=db.alias, idle=idle, limit=limit, code=code)
 
 
 def _driver_cursor(cursor: Any) -> Any:
@@ -305,10 +304,8 @@ def _orphan(cursor: Any) -> None:
     """Unbind a driver cursor from its dead connection, so closing it later is a no-op
     (both drivers' ``close()`` would otherwise talk to the closed connection and raise
     a raw driver error from the caller's cleanup code)."""
-    try:
+    with contextlib.suppress(Exception):
         _driver_cursor(cursor).connection = None
-    except Exception:
-        pass
 
 
 def _rebind(cursor: Any, db: Any) -> None:
@@ -499,10 +496,16 @@ def _wrap_execute(original: Callable[..., Any]) -> Callable[..., Any]:
                 found = classify(exc)
                 if found is not None and (
                     found.not_sent
-                    or (db._dbk_cfg is not None and db._dbk_cfg.retry_reads and is_retryable_read(sql))
+                    or (
+                        db._dbk_cfg is not None
+                        and db._dbk_cfg.retry_reads
+                        and is_retryable_read(sql)
+                    )
                 ):
+
                     def retry() -> Any:
                         return original(self, sql, params)
+
             return _failed(db, self, exc, retry)
         db._dbk_last = _now()
         return result
@@ -523,8 +526,10 @@ def _wrap_executemany(original: Callable[..., Any]) -> Callable[..., Any]:
             retry = None
             found = classify(exc)
             if found is not None and found.not_sent and not _in_transaction(db):
+
                 def retry() -> Any:
                     return original(self, sql, param_list)
+
             return _failed(db, self, exc, retry)
         db._dbk_last = _now()
         return result
@@ -567,6 +572,7 @@ def _wrap_set_autocommit(original: Callable[..., Any]) -> Callable[..., Any]:
                     return original(
                         self, autocommit, force_begin_transaction_with_broken_autocommit
                     )
+
             return _failed(self, None, exc, retry)
         self._dbk_last = _now()
         return result
@@ -605,7 +611,9 @@ def _wrap_rollback(original: Callable[..., Any]) -> Callable[..., Any]:
     def rollback(self: Any) -> Any:
         if self._dbk_lost is not None and not self.in_atomic_block and _guarded(self):
             # The server rolled back when the connection died: drop it, don't wait on it.
-            _discard(self, "disconnected", _now() - self._dbk_last if self._dbk_last != -INF else 0.0)
+            _discard(
+                self, "disconnected", _now() - self._dbk_last if self._dbk_last != -INF else 0.0
+            )
         elif _now() - self._dbk_last > self._dbk_next and not self.in_atomic_block:
             try:
                 _before(self)
@@ -654,6 +662,25 @@ def check_idle(db: Any) -> None:
         _discard(db, "idle", idle)
 
 
+def enable(db: Any) -> None:
+    """Guard ``db`` even when ``AUTO_GUARD`` is off, until the matching :func:`disable`."""
+    db._dbk_forced += 1
+    _arm(db)
+
+
+def disable(db: Any) -> None:
+    """End one :func:`enable` scope."""
+    db._dbk_forced = max(0, db._dbk_forced - 1)
+    _arm(db)
+
+
+def take_idle_report(db: Any) -> tuple[float, float] | None:
+    """``(idle, limit)`` of the longest idle past the limit since the last call, or None."""
+    report: tuple[float, float] | None = db._dbk_over
+    db._dbk_over = None
+    return report
+
+
 def close_connection(db: Any) -> None:
     """Close ``db``'s connection; a dead one without waiting on its socket."""
     if db.connection is None:
@@ -698,10 +725,8 @@ def _after_fork_in_child() -> None:
             db._dbk_last = -INF
             _open_wrappers.discard(db)
             if getattr(db, "_thread_ident", None) == me:
-                try:
+                with contextlib.suppress(Exception):
                     conn.close()  # its socket is /dev/null now: frees the descriptor only
-                except Exception:
-                    pass
                 connection_recycled.send(sender=db.alias, reason="fork", idle=0.0)
             else:
                 _inherited.append(conn)
@@ -740,7 +765,9 @@ def install() -> None:
             pass
         else:
             _originals["mysql.is_usable"] = MySQLWrapper.__dict__["is_usable"]
-            MySQLWrapper.is_usable = _safe_is_usable(MySQLWrapper.__dict__["is_usable"])
+            MySQLWrapper.is_usable = _safe_is_usable(  # type: ignore[method-assign]
+                MySQLWrapper.__dict__["is_usable"]
+            )
         connection_created.connect(_on_connection_created, dispatch_uid="dbkeepalive-guard")
         setting_changed.connect(_on_setting_changed, dispatch_uid="dbkeepalive-settings")
         _installed = True
@@ -762,7 +789,7 @@ def uninstall() -> None:
         if original is not None:
             from django.db.backends.mysql.base import DatabaseWrapper as MySQLWrapper
 
-            MySQLWrapper.is_usable = original
+            MySQLWrapper.is_usable = original  # type: ignore[method-assign]
         connection_created.disconnect(dispatch_uid="dbkeepalive-guard")
         setting_changed.disconnect(dispatch_uid="dbkeepalive-settings")
         for name in _CLASS_DEFAULTS:

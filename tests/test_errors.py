@@ -17,13 +17,36 @@ from django_dbkeepalive.errors import DISCONNECT_CODES, classify, is_disconnect,
         (MySQLdb.OperationalError(2006, "Server has gone away"), 2006, True),  # libmariadb
         (MySQLdb.OperationalError(2006, "MySQL server has gone away"), 2006, True),
         (MySQLdb.OperationalError(2013, "Lost connection to server during query"), 2013, False),
-        (pymysql.err.OperationalError(2013, "Lost connection to MySQL server during query"), 2013, False),
-        (pymysql.err.OperationalError(2006, "MySQL server has gone away (BrokenPipeError(32, 'Broken pipe'))"), 2006, True),
+        (
+            pymysql.err.OperationalError(2013, "Lost connection to MySQL server during query"),
+            2013,
+            False,
+        ),
+        (
+            pymysql.err.OperationalError(
+                2006, "MySQL server has gone away (BrokenPipeError(32, 'Broken pipe'))"
+            ),
+            2006,
+            True,
+        ),
         (pymysql.err.InterfaceError(0, ""), 0, True),
-        (pymysql.err.OperationalError(4031, "The client was disconnected by the server because of inactivity."), 4031, True),
+        (
+            pymysql.err.OperationalError(
+                4031, "The client was disconnected by the server because of inactivity."
+            ),
+            4031,
+            True,
+        ),
         (pymysql.err.OperationalError(1927, "Connection was killed"), 1927, False),
         (pymysql.err.OperationalError(1053, "Server shutdown in progress"), 1053, False),
-        (pymysql.err.OperationalError(2055, "Lost connection to server at 'reading initial communication packet', system error: 104"), 2055, False),
+        (
+            pymysql.err.OperationalError(
+                2055,
+                "Lost connection to server at 'reading initial communication packet', system error: 104",
+            ),
+            2055,
+            False,
+        ),
         (ConnectionResetError(104, "Connection reset by peer"), -1, False),
     ],
 )
@@ -60,7 +83,9 @@ def test_other_errors_are_not_disconnects(exc):
 
 
 def test_packet_too_large_is_a_disconnect_that_is_never_retried():
-    found = classify(pymysql.err.OperationalError(1153, "Got a packet bigger than 'max_allowed_packet' bytes"))
+    found = classify(
+        pymysql.err.OperationalError(1153, "Got a packet bigger than 'max_allowed_packet' bytes")
+    )
     assert found is not None and found.kind == "too_large" and not found.retryable
 
 

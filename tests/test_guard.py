@@ -88,9 +88,7 @@ def test_cursor_created_before_idle_works_after_it(set_wait_timeout, raw):
     cursor = connection.cursor()
     cursor.execute("SELECT 1")
     time.sleep(3)
-    cursor.execute(
-        "INSERT INTO testapp_item (`key`, value, created) VALUES ('x', 1, NOW())"
-    )
+    cursor.execute("INSERT INTO testapp_item (`key`, value, created) VALUES ('x', 1, NOW())")
     cursor.execute("SELECT COUNT(*) FROM testapp_item")
     assert cursor.fetchone() == (1,)
     assert keys(raw) == ["x"]
@@ -267,9 +265,7 @@ def test_driver_interface_error_never_reaches_code_after_a_disconnect(server):
     server.kill(thread_id())
     time.sleep(0.3)
     with pytest.raises(OperationalError):
-        cursor.execute(
-            "INSERT INTO testapp_item (`key`, value, created) VALUES ('x', 1, NOW())"
-        )
+        cursor.execute("INSERT INTO testapp_item (`key`, value, created) VALUES ('x', 1, NOW())")
     # PyMySQL would now raise InterfaceError(0, '') on every statement of this cursor.
     for _ in range(3):
         cursor.execute("SELECT COUNT(*) FROM testapp_item")

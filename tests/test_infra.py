@@ -65,9 +65,7 @@ def test_restart_keeps_port_and_data(
     port = server.port
     server.restart()
     assert server.port == port
-    assert raw(
-        "SELECT value FROM testapp_item WHERE `key` = %s", ("before-restart",)
-    ) == [(7,)]
+    assert raw("SELECT value FROM testapp_item WHERE `key` = %s", ("before-restart",)) == [(7,)]
 
 
 @pytest.mark.restart
@@ -78,9 +76,7 @@ def test_crash_and_start_again_keep_committed_rows(
     server.crash()
     assert not server.running
     server.start_again()
-    assert raw(
-        "SELECT value FROM testapp_item WHERE `key` = %s", ("before-crash",)
-    ) == [(8,)]
+    assert raw("SELECT value FROM testapp_item WHERE `key` = %s", ("before-crash",)) == [(8,)]
 
 
 def test_set_wait_timeout_applies_to_new_connections(

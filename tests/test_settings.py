@@ -63,7 +63,9 @@ def test_invalid_values_raise_improperly_configured_naming_key_and_allowed_value
             conf.validate()
     message = str(caught.value)
     assert fragment in message
-    assert "must be" in message or "unknown key" in message or "not in settings.DATABASES" in message
+    assert (
+        "must be" in message or "unknown key" in message or "not in settings.DATABASES" in message
+    )
 
 
 def test_every_problem_is_reported_at_once():
