@@ -22,6 +22,10 @@ KEEPALIVE = "django_dbkeepalive.middleware.KeepaliveMiddleware"
 WITH_MIDDLEWARE = [KEEPALIVE, "django.middleware.common.CommonMiddleware"]
 WITHOUT_MIDDLEWARE = ["django.middleware.common.CommonMiddleware"]
 GUARD_OFF = {"AUTO_GUARD": False}
+# The server's wait_timeout, also given to the guard so that its limit (4 s minus a
+# 2 s margin) is known from the first statement on: a 3 s pause is then recycled
+# proactively, before the server closes anything.
+WAIT_4 = {"WAIT_TIMEOUT": 4}
 
 
 def keys(raw: Raw) -> list[str]:
@@ -107,11 +111,10 @@ def test_guarding_ends_with_the_request(set_wait_timeout):
     assert connection._dbk_next == float("inf")  # unguarded again outside the request
 
 
-@override_settings(MIDDLEWARE=WITH_MIDDLEWARE)
+@override_settings(MIDDLEWARE=WITH_MIDDLEWARE, DBKEEPALIVE=WAIT_4)
 def test_a_request_idle_past_the_limit_logs_one_warning_with_the_numbers(
     set_wait_timeout, raw, caplog
 ):
-    # wait_timeout 4: the guard's limit is 2 s, so a 3 s pause is recycled proactively.
     set_wait_timeout(4)
     caplog.set_level(logging.INFO, logger="django_dbkeepalive")
     response = Client().get("/long/", {"sleep": "3", "key": "slow"})
@@ -126,7 +129,7 @@ def test_a_request_idle_past_the_limit_logs_one_warning_with_the_numbers(
     assert warnings(caplog) == []
 
 
-@override_settings(MIDDLEWARE=WITH_MIDDLEWARE)
+@override_settings(MIDDLEWARE=WITH_MIDDLEWARE, DBKEEPALIVE=WAIT_4)
 def test_an_async_request_idle_past_the_limit_logs_one_warning(set_wait_timeout, raw, caplog):
     set_wait_timeout(4)
     caplog.set_level(logging.INFO, logger="django_dbkeepalive")
@@ -137,7 +140,7 @@ def test_an_async_request_idle_past_the_limit_logs_one_warning(set_wait_timeout,
     assert "the request to async-long held" in message and "(limit 2.0s)" in message
 
 
-@override_settings(MIDDLEWARE=WITH_MIDDLEWARE, DBKEEPALIVE=GUARD_OFF)
+@override_settings(MIDDLEWARE=WITH_MIDDLEWARE, DBKEEPALIVE={**GUARD_OFF, **WAIT_4})
 def test_a_request_that_raises_still_logs_and_ends_guarding(set_wait_timeout, raw, caplog):
     set_wait_timeout(4)
     raw("INSERT INTO testapp_item (`key`, value, created) VALUES ('taken', 0, NOW())")
