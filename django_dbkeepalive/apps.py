@@ -1,4 +1,4 @@
-"""The app config: installs the guard and validates ``DBKEEPALIVE`` at startup."""
+"""The app config: installs the guard, validates ``DBKEEPALIVE`` and registers the checks."""
 
 from __future__ import annotations
 
@@ -10,8 +10,13 @@ class DbKeepaliveConfig(AppConfig):
     verbose_name = "django-dbkeepalive"
 
     def ready(self) -> None:
-        from . import guard
+        from django.core import checks as django_checks
+
+        from . import checks, guard
         from .conf import conf
 
         conf.validate()
+        django_checks.register(checks.check_settings, checks.TAG)
+        django_checks.register(checks.check_configuration, checks.TAG)
+        django_checks.register(checks.check_servers, django_checks.Tags.database, checks.TAG)
         guard.install()

@@ -29,6 +29,13 @@ DEFAULTS: dict[str, Any] = {
 #: Keys allowed only at the top level.
 TOP_LEVEL_ONLY = ("DATABASES",)
 
+#: Check IDs of the kinds of ``DBKEEPALIVE`` problems (stable: never renumbered or reused).
+#: The system checks in :mod:`django_dbkeepalive.checks` report each problem under its ID.
+E_NOT_A_DICT = "dbkeepalive.E001"
+E_UNKNOWN_KEY = "dbkeepalive.E002"
+E_INVALID_VALUE = "dbkeepalive.E003"
+E_UNKNOWN_ALIAS = "dbkeepalive.E004"
+
 _ALLOWED = {
     "AUTO_GUARD": "True or False",
     "MARGIN": "a number of seconds >= 0",
@@ -42,11 +49,13 @@ _ALLOWED = {
 
 @dataclass(frozen=True)
 class Problem:
-    """One thing wrong with ``DBKEEPALIVE``; ``key`` is the dotted path to it."""
+    """One thing wrong with ``DBKEEPALIVE``; ``key`` is the dotted path to it and ``id``
+    the system check ID of its kind (``dbkeepalive.E001`` ... ``E004``)."""
 
     key: str
     message: str
     hint: str
+    id: str
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,7 @@ def _check_value(key: str, value: object, path: str) -> Problem | None:
         f"{SETTING_NAME}[{path}] is {value!r}; it must be {_ALLOWED[key]}.",
         f"Set {SETTING_NAME}[{path}] to {_ALLOWED[key]}, or remove it to use the "
         f"default ({DEFAULTS[key]!r}).",
+        E_INVALID_VALUE,
     )
 
 
@@ -94,6 +104,7 @@ def _unknown_key(key: object, path: str, allowed: list[str]) -> Problem:
         path,
         f"{SETTING_NAME} has an unknown key {path!r}.",
         f"{hint}Valid keys: {', '.join(allowed)}.",
+        E_UNKNOWN_KEY,
     )
 
 
@@ -111,6 +122,7 @@ def find_problems(value: object, aliases: list[str] | None = None) -> list[Probl
                 "",
                 f"{SETTING_NAME} is a {type(value).__name__}; it must be a dict.",
                 f"Set {SETTING_NAME} = {{...}} with keys among {', '.join(_ALLOWED)}.",
+                E_NOT_A_DICT,
             )
         ]
     problems: list[Problem] = []
@@ -135,6 +147,7 @@ def _alias_problems(value: object, aliases: list[str] | None) -> list[Problem]:
                 f"{SETTING_NAME}['DATABASES'] is a {type(value).__name__}; "
                 f"it must be {_ALLOWED['DATABASES']}.",
                 f"Example: {SETTING_NAME} = {{'DATABASES': {{'default': {{'MARGIN': 10}}}}}}.",
+                E_INVALID_VALUE,
             )
         ]
     problems = []
@@ -148,6 +161,7 @@ def _alias_problems(value: object, aliases: list[str] | None) -> list[Problem]:
                     "which is not in settings.DATABASES.",
                     f"Configured aliases: {', '.join(aliases) or '(none)'}. Fix the "
                     "alias or remove the entry.",
+                    E_UNKNOWN_ALIAS,
                 )
             )
         if not isinstance(overrides, Mapping):
@@ -156,6 +170,7 @@ def _alias_problems(value: object, aliases: list[str] | None) -> list[Problem]:
                     where,
                     f"{SETTING_NAME}[{where}] is a {type(overrides).__name__}; it must be a dict.",
                     f"Use keys among {', '.join(DEFAULTS)}.",
+                    E_INVALID_VALUE,
                 )
             )
             continue
@@ -179,11 +194,15 @@ class Settings:
         return value if isinstance(value, Mapping) else {}
 
     def validate(self) -> None:
-        """Raise ``ImproperlyConfigured`` naming every invalid key and its fix."""
-        problems = find_problems(getattr(settings, SETTING_NAME, None), list(settings.DATABASES))
+        """Raise ``ImproperlyConfigured`` naming every invalid key, its check ID and its fix."""
+        problems = self.problems()
         if problems:
-            lines = [f"- {p.message} {p.hint}" for p in problems]
+            lines = [f"- ({p.id}) {p.message} {p.hint}" for p in problems]
             raise ImproperlyConfigured(f"Invalid {SETTING_NAME} setting:\n" + "\n".join(lines))
+
+    def problems(self) -> list[Problem]:
+        """Every problem in the current ``DBKEEPALIVE`` (``[]`` when it is valid)."""
+        return find_problems(getattr(settings, SETTING_NAME, None), list(settings.DATABASES))
 
     def for_alias(self, alias: str) -> AliasSettings:
         """The settings in force for ``alias``: defaults, top level, then overrides."""
