@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.management.base import BaseCommand
-from django.db import connections
 
 from .fresh import Using, fresh_connection, refresh_connections
 
@@ -18,7 +17,8 @@ class BaseKeepaliveCommand(BaseCommand):
     ``handle()`` runs inside :class:`~django_dbkeepalive.fresh_connection`; every
     connection is closed when the command ends (normally, on an exception or on
     Ctrl-C). Call ``self.keepalive()`` in loops: it costs no round trip and releases
-    connections that are idle past their limit, dead or obsolete.
+    connections that are idle past their limit, dead or obsolete. The command's
+    arguments and options are its own: nothing is added to them.
 
     Example::
 
@@ -37,11 +37,18 @@ class BaseKeepaliveCommand(BaseCommand):
             with fresh_connection():
                 return super().execute(*args, **options)
         finally:
-            for db in connections.all(initialized_only=True):
-                from . import guard
-
-                guard.close_connection(db)
+            # Also after an exception or Ctrl-C (KeyboardInterrupt): the server must not
+            # keep a session for a command that has stopped. A connection inside the
+            # caller's atomic block (call_command() in a transaction) is left alone.
+            refresh_connections(close=True)
 
     def keepalive(self, using: Using = None) -> None:
-        """Release idle, dead or obsolete connections; the next query reconnects."""
+        """Release idle, dead or obsolete connections; the next query reconnects.
+
+        Example::
+
+            for url in urls:
+                self.keepalive()  # no round trip unless the connection idled
+                Page.objects.create(url=url, body=fetch(url))
+        """
         refresh_connections(using)
