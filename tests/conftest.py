@@ -138,3 +138,23 @@ def driver() -> str:
     actual = "pymysql" if module == "pymysql" else "mysqlclient"
     assert actual == name, f"DBK_DRIVER={name} but Django's MySQL backend uses {module}"
     return name
+
+
+@pytest.fixture
+def conn_max_age() -> Iterator[Callable[[int | None], None]]:
+    """``conn_max_age(seconds_or_None)``: the default alias's CONN_MAX_AGE, in every thread.
+
+    Django's wrappers of all threads share one settings dict, so this reaches pool
+    threads too. Closes this thread's connections so the next one gets the new value;
+    restores the old value (and closes again) after the test.
+    """
+    settings_dict = connections["default"].settings_dict
+    saved = settings_dict.get("CONN_MAX_AGE", 0)
+
+    def set_(value: int | None) -> None:
+        settings_dict["CONN_MAX_AGE"] = value
+        close_connections()
+
+    yield set_
+    settings_dict["CONN_MAX_AGE"] = saved
+    close_connections()

@@ -1,0 +1,38 @@
+"""Importable job functions for the scheduler, thread and process tests."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+from django.db import connection
+
+from .models import Item
+
+
+def write_item(key: str) -> int:
+    """Create ``Item(key)`` whose value is the server's id of the connection that wrote
+    it; return that id."""
+    connection.ensure_connection()
+    thread_id = int(connection.connection.thread_id())
+    Item.objects.create(key=key, value=thread_id)
+    return thread_id
+
+
+def write_item_in_process(key: str) -> tuple[int, int]:
+    """``write_item`` for a process pool: ``(pid, connection id)``."""
+    return os.getpid(), write_item(key)
+
+
+class Writer:
+    """A job that writes ``PREFIX0``, ``PREFIX1``, ... one item per call."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._numbers = itertools.count()
+
+    def __call__(self) -> int:
+        return write_item(f"{self.prefix}{next(self._numbers)}")
+
+    def __repr__(self) -> str:
+        return f"Writer({self.prefix!r})"
