@@ -13,8 +13,11 @@ from .models import Item
 def write_item(key: str) -> int:
     """Create ``Item(key)`` whose value is the server's id of the connection that wrote
     it; return that id."""
-    connection.ensure_connection()
-    thread_id = int(connection.connection.thread_id())
+    # Asked with a query, not the driver's cached thread_id(): the query goes through
+    # the guard, which may replace the connection first.
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT CONNECTION_ID()")
+        thread_id = int(cursor.fetchone()[0])
     Item.objects.create(key=key, value=thread_id)
     return thread_id
 

@@ -6,10 +6,8 @@ import time
 from argparse import ArgumentParser
 from typing import Any
 
-from django.db import connection
-
 from django_dbkeepalive import BaseKeepaliveCommand
-from testproject.testapp.models import Item
+from testproject.testapp.tasks import write_item
 
 
 class Command(BaseKeepaliveCommand):
@@ -27,8 +25,8 @@ class Command(BaseKeepaliveCommand):
             if n:
                 time.sleep(pause)  # fetching the next page: no database work
             self.keepalive()
-            # The server's id of the connection that wrote it, so tests can find it.
-            connection.ensure_connection()
-            item = Item.objects.create(key=f"{prefix}{n}", value=connection.connection.thread_id())
-            self.stdout.write(f"wrote {item.key} on connection {item.value}")
+            key = f"{prefix}{n}"
+            # The item's value is the server's id of the connection that wrote it.
+            thread_id = write_item(key)
+            self.stdout.write(f"wrote {key} on connection {thread_id}")
             self.stdout.flush()
