@@ -38,12 +38,15 @@ __all__ = [
     "TAG",
     "CheckInfo",
     "ServerVariables",
+    "alias_settings",
     "check_configuration",
     "check_servers",
     "check_settings",
     "configuration_messages",
     "describe_server",
+    "error_text",
     "mask_secrets",
+    "middleware_messages",
     "read_server_variables",
     "server_messages",
     "split_aliases",
@@ -228,7 +231,7 @@ def _alias_key(alias: str, key: str) -> str:
     return f"DBKEEPALIVE[{key!r}]"
 
 
-def _config(alias: str) -> AliasSettings | None:
+def alias_settings(alias: str) -> AliasSettings | None:
     """The resolved settings for ``alias``, or ``None`` while ``DBKEEPALIVE`` is invalid
     (the E00x errors say why; checks that depend on it wait until it is fixed)."""
     if conf.problems():
@@ -256,7 +259,8 @@ def configuration_messages(alias: str) -> list[checks.CheckMessage]:
     """The checks of one alias that need no connection (``W006``, ``W008``, ``I001``)."""
     db = connections[alias]
     found: list[checks.CheckMessage] = []
-    if db.vendor == "mysql":
+    mysql, _other = split_aliases([alias])
+    if mysql:
         found += _timeout_messages(alias, db)
     elif db.vendor not in _SERVERLESS_VENDORS and db.settings_dict.get("ENGINE") != _DUMMY_ENGINE:
         found.append(
@@ -274,7 +278,7 @@ def configuration_messages(alias: str) -> list[checks.CheckMessage]:
                 "start of each request.",
             )
         )
-    cfg = _config(alias)
+    cfg = alias_settings(alias)
     if cfg is not None and not cfg.auto_guard and not _middleware_installed():
         found.append(
             _message(
@@ -328,23 +332,28 @@ def _timeout_messages(alias: str, db: Any) -> list[checks.CheckMessage]:
     ]
 
 
+def middleware_messages() -> list[checks.CheckMessage]:
+    """``W007``: the middleware is installed without the app."""
+    if not _middleware_installed() or apps.is_installed(APP_NAME):
+        return []
+    return [
+        _message(
+            "dbkeepalive.W007",
+            f"{MIDDLEWARE_PATH!r} is in MIDDLEWARE but {APP_NAME!r} is not in "
+            "INSTALLED_APPS: the connection guard is not installed at startup, "
+            "DBKEEPALIVE is not validated, forked processes do not drop inherited "
+            "connections, and management commands, shells and background threads are "
+            "not guarded.",
+            f"Add {APP_NAME!r} to INSTALLED_APPS.",
+        )
+    ]
+
+
 def check_configuration(
     app_configs: Sequence[Any] | None = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
     """``W006``, ``W007``, ``W008``, ``I001``: configuration that needs no connection."""
-    found: list[checks.CheckMessage] = []
-    if _middleware_installed() and not apps.is_installed(APP_NAME):
-        found.append(
-            _message(
-                "dbkeepalive.W007",
-                f"{MIDDLEWARE_PATH!r} is in MIDDLEWARE but {APP_NAME!r} is not in "
-                "INSTALLED_APPS: the connection guard is not installed at startup, "
-                "DBKEEPALIVE is not validated, forked processes do not drop inherited "
-                "connections, and management commands, shells and background threads are "
-                "not guarded.",
-                f"Add {APP_NAME!r} to INSTALLED_APPS.",
-            )
-        )
+    found = middleware_messages()
     for alias in connections:
         found += configuration_messages(alias)
     return found
@@ -375,10 +384,11 @@ _VARIABLES_SQL = (
 
 
 def _number(value: Any) -> float:
-    # int from mysqlclient, int or Decimal from PyMySQL; bytes from some proxies.
+    # int from both drivers, Decimal or str through some proxies; ints stay ints.
     if isinstance(value, bytes):
         value = value.decode()
-    return float(value)
+    number = float(value)
+    return int(number) if number.is_integer() else number
 
 
 def read_server_variables(alias: str) -> ServerVariables:
@@ -430,7 +440,7 @@ def server_messages(
     """``W001`` ... ``W004`` for one MySQL alias, given what its server said."""
     from .guard import _limit_for
 
-    cfg = _config(alias) if cfg is None else cfg
+    cfg = alias_settings(alias) if cfg is None else cfg
     settings_dict = connections[alias].settings_dict
     wait = variables.wait_timeout
     where = (
@@ -516,17 +526,22 @@ def _guard_setting_messages(
     return found
 
 
+def error_text(alias: str, exc: BaseException) -> str:
+    """``"OperationalError: (2003, ...)"`` for an error on ``alias``, password masked."""
+    return mask_secrets(f"{type(exc).__name__}: {exc}", connections[alias].settings_dict)
+
+
 def unreachable_message(alias: str, exc: BaseException) -> checks.CheckMessage:
     """``W005``: the server of ``alias`` could not be asked; never shows the password."""
     settings_dict = connections[alias].settings_dict
-    error = mask_secrets(f"{type(exc).__name__}: {exc}", settings_dict)
+    error = error_text(alias, exc)
     return _message(
         "dbkeepalive.W005",
         f"Database {alias!r}: could not connect to the server at "
         f"{describe_server(settings_dict)} to check its timeouts ({error}).",
         "Check that the server is running and reachable from here and that HOST, PORT, "
-        "USER and PASSWORD are right; then run `manage.py check --database "
-        f"{alias}` or `manage.py dbkeepalive --database {alias}` again.",
+        f"USER and PASSWORD are right; then run `manage.py dbkeepalive --database {alias}` "
+        "again.",
     )
 
 

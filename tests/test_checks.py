@@ -28,25 +28,27 @@ from django_dbkeepalive.conf import conf
 
 from .conftest import close_connections
 
+pytestmark = pytest.mark.django_db(transaction=True)
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "django_dbkeepalive"
 ID_PATTERN = re.compile(r"dbkeepalive\.[EWI]\d{3}")
 
 
-# --------------------------------------------------------------------- helpers
+def _ensure_connection(self: Any) -> None:
+    """``BaseDatabaseWrapper.ensure_connection`` without the test case's alias guard.
 
-
-@pytest.fixture(autouse=True)
-def db_access(django_db_setup, django_db_blocker) -> Iterator[None]:
-    """Database access without pytest-django's test case.
-
-    Its test case only allows the aliases configured when the test starts, and these
-    tests add aliases (an unreachable server, another vendor) on the fly. Nothing here
-    writes rows, so there is nothing to flush.
+    Django's test case (and pytest-django's blocker) let a test use only the aliases
+    it declared when it started, by patching ``BaseDatabaseWrapper.ensure_connection``.
+    These tests add aliases while they run (an unreachable server, another vendor), so
+    the wrappers of those get Django's plain behaviour back as an instance attribute.
     """
-    with django_db_blocker.unblock():
-        yield
-        close_connections()
+    if self.connection is None:
+        with self.wrap_database_errors:
+            self.connect()
+
+
+# --------------------------------------------------------------------- helpers
 
 
 def free_port() -> int:
@@ -61,13 +63,15 @@ def extra_alias(alias: str, **changes: Any) -> Iterator[str]:
     """Add a database alias (a copy of ``default`` with ``changes``) for the block.
 
     ``connections.settings`` is ``settings.DATABASES`` itself, so the alias exists for
-    Django and for the checks; afterwards its connection is closed and it is removed
-    before pytest-django's teardown looks at the aliases again.
+    Django and for the checks (in this thread); afterwards its connection is closed and
+    it is removed before the test case's teardown looks at the aliases again.
     """
     assert alias not in connections.settings
     new = copy.deepcopy(connections["default"].settings_dict)
     new.update(changes)
     connections.settings[alias] = new
+    db = connections[alias]
+    db.ensure_connection = types.MethodType(_ensure_connection, db)
     try:
         yield alias
     finally:
