@@ -15,6 +15,7 @@ runs the ORM.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -61,7 +62,9 @@ def _finish_request(request: HttpRequest, wrappers: list[Any]) -> None:
             guard.disable(db)
         if report is not None:
             idle, limit = report
-            over.append(f"{db.alias!r} idle {idle:.1f}s (limit {limit:.1f}s)")
+            # An infinite limit: the server closed it before the guard learned the limit.
+            limit_text = f"limit {limit:.1f}s" if math.isfinite(limit) else "limit unknown"
+            over.append(f"{db.alias!r} idle {idle:.1f}s ({limit_text})")
     if over:
         logger.warning(
             "dbkeepalive: the request to %s held a database connection idle past its "
