@@ -307,3 +307,23 @@ def test_conn_max_age_is_enforced_between_statements(recycles, settings):
     finally:
         connection.settings_dict["CONN_MAX_AGE"] = 0
         connection.close()
+
+
+def test_a_long_statement_is_not_mistaken_for_idle_time(recycles):
+    cursor = connection.cursor()
+    cursor.execute("SET SESSION wait_timeout = 2")
+    cursor.execute("CREATE TEMPORARY TABLE scratch (id INT)")
+    time.sleep(0.3)
+    cursor.execute("INSERT INTO scratch VALUES (1)")  # the guard reads wait_timeout here
+    old = thread_id()
+    cursor.execute("SELECT SLEEP(2.5)")  # longer than wait_timeout, but busy, not idle
+    cursor.execute("SELECT COUNT(*) FROM scratch")  # session state must survive
+    assert cursor.fetchone() == (1,)
+    with transaction.atomic():
+        cursor.execute("INSERT INTO scratch VALUES (2)")
+        cursor.execute("SELECT SLEEP(2.5)")
+        cursor.execute("INSERT INTO scratch VALUES (3)")
+    cursor.execute("SELECT COUNT(*) FROM scratch")
+    assert cursor.fetchone() == (3,)
+    assert thread_id() == old
+    assert recycles == []

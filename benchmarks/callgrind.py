@@ -1,0 +1,115 @@
+"""Client instructions per query under valgrind's callgrind: plain Django vs the app.
+
+Instruction counts are repeatable (a wall-clock ratio hides a CPU cost behind the round
+trip). Each mode runs in its own process twice, with N1 and N2 queries; the difference
+divided by N2 - N1 is the cost of one query with start-up cancelled out.
+
+    python benchmarks/callgrind.py [--cases select1,orm_get] [--drivers mysqlclient,pymysql]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from benchmarks.server import start  # noqa: E402
+
+N1, N2 = 500, 2500
+REPEATS = 3
+# "app" measures the hot path alone (the slow path never due); "slow" runs the slow path
+# before every statement (PEEK_AFTER = 0) to price one visit. At native speed a busy
+# connection visits it at most once per PEEK_AFTER (0.1 s): under valgrind, 50x slower,
+# it would be visited 50x more often per query, so it is priced separately.
+MODES = {
+    "plain": ("plain", "{}"),
+    "app": ("app", '{"PEEK_AFTER": 100000}'),
+    "slow": ("app", '{"PEEK_AFTER": 0, "PING_AFTER": null}'),
+}
+COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
+
+
+def instructions(env: dict[str, str], mode: str, driver: str, case: str, n: int) -> int:
+    app_mode, bench_settings = MODES[mode]
+    env = {**env, "DBK_BENCH_SETTINGS": bench_settings, "DBK_BENCH_NO_GC": "1"}
+    result = subprocess.run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            str(HERE / "workload.py"),
+            app_mode,
+            driver,
+            case,
+            str(n),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    match = COLLECTED.search(result.stderr)
+    if not match:
+        raise SystemExit(f"no instruction count from valgrind:\n{result.stderr[-2000:]}")
+    return int(match.group(1))
+
+
+def per_query(env: dict[str, str], mode: str, driver: str, case: str) -> float:
+    """Median over REPEATS of (I(N2) - I(N1)) / (N2 - N1)."""
+    samples = []
+    for _ in range(REPEATS):
+        low = instructions(env, mode, driver, case, N1)
+        high = instructions(env, mode, driver, case, N2)
+        samples.append((high - low) / (N2 - N1))
+    return statistics.median(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--cases", default="select1,orm_get")
+    parser.add_argument("--drivers", default="mysqlclient,pymysql")
+    parser.add_argument("--json", type=Path, default=HERE / "results" / "callgrind.json")
+    args = parser.parse_args()
+    if not shutil.which("valgrind"):
+        raise SystemExit("valgrind is not installed: apt-get install valgrind")
+    server, env = start()
+    rows = []
+    try:
+        for driver in args.drivers.split(","):
+            for case in args.cases.split(","):
+                plain = per_query(env, "plain", driver, case)
+                app = per_query(env, "app", driver, case)
+                slow = per_query(env, "slow", driver, case) if case == "select1" else None
+                row = {
+                    "driver": driver,
+                    "case": case,
+                    "plain_instructions": round(plain),
+                    "app_instructions": round(app),
+                    "overhead_instructions": round(app - plain),
+                    "overhead_percent": round((app - plain) / plain * 100, 2),
+                    "slow_path_instructions": None if slow is None else round(slow - app),
+                }
+                rows.append(row)
+                extra = "" if slow is None else f"  slow path {slow - app:7.0f} instr/visit"
+                print(
+                    f"{driver:12} {case:10} plain {plain:9.0f}  app {app:9.0f}  "
+                    f"{app - plain:+6.0f} instr/query ({row['overhead_percent']:+.2f}%){extra}",
+                    flush=True,
+                )
+    finally:
+        server.close()
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
