@@ -17,17 +17,23 @@ help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-7s %s\n", $$1, $$2}'
 	@echo "  PYTEST_ARGS='-k kill -x' make test   passes arguments to pytest"
 
-deps: ## check (as root: install) MariaDB server binaries and client headers
-	@missing=""; \
+deps: ## check (as root: install) what the build and the tests need from the system
+	@missing=""; pkgs=""; \
 	for cmd in mariadbd mariadb-install-db pkg-config; do \
-	  command -v $$cmd >/dev/null || missing="$$missing $$cmd"; \
+	  command -v $$cmd >/dev/null || { missing="$$missing $$cmd"; pkgs="$$pkgs $(APT_PACKAGES)"; }; \
 	done; \
 	pkg-config --exists libmariadb 2>/dev/null || mysql_config --version >/dev/null 2>&1 \
-	  || missing="$$missing libmariadb-headers"; \
+	  || { missing="$$missing libmariadb-headers"; pkgs="$$pkgs libmariadb-dev"; }; \
+	command -v cc >/dev/null || { missing="$$missing cc"; pkgs="$$pkgs gcc"; }; \
+	$(PYTHON) -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+	  || { missing="$$missing Python.h"; pkgs="$$pkgs python3-dev"; }; \
+	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null \
+	  || { missing="$$missing python3-venv"; pkgs="$$pkgs python3-venv"; }; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
+	pkgs=$$(echo $$pkgs | tr ' ' '\n' | sort -u | tr '\n' ' '); \
 	echo "missing:$$missing"; \
-	if [ "$$(id -u)" != 0 ]; then echo "sudo apt-get install -y $(APT_PACKAGES)"; exit 1; fi; \
-	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $(APT_PACKAGES)
+	if [ "$$(id -u)" != 0 ]; then echo "run: sudo apt-get install -y $$pkgs"; exit 1; fi; \
+	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$pkgs
 # Installing mariadb-server may start the system service: harmless, the tests
 # always start their own private server and never use it.
 

@@ -390,61 +390,69 @@ def _obsolete(db: Any, now: float) -> bool:
     )
 
 
+# A server-side close after a pause this long is worth reporting even before the
+# guard has learnt the server's wait_timeout (a KILL right after a statement is not).
+_NOTABLE_IDLE = 1.0
+
+
+def _note_idle(db: Any, idle: float, limit: float) -> None:
+    over = db._dbk_over
+    if over is None or idle > over[0]:
+        db._dbk_over = (idle, limit)
+
+
 def _check_mysql(db: Any, idle: float, in_tx: bool) -> None:
     cfg: AliasSettings = db._dbk_cfg
     if not in_tx and _obsolete(db, _now()):
         _discard(db, "max_age", idle, graceful=True)
         return
     readable = _peek(db)
+    limit: float | None = db._dbk_limit
+    ping_after = cfg.ping_after
+    kernel = None
+    if readable or limit is None or idle > limit or (ping_after is not None and idle > ping_after):
+        # `idle` counts from the last visit here, so it may include a long statement's own
+        # duration; the kernel knows how long the server has been silent (TCP only).
+        kernel = _kernel_idle(db)
+        if kernel is not None:
+            idle = min(idle, kernel)
     if readable:
         # EOF or an unsolicited error packet: the server closed or killed the session.
+        if idle > (limit if limit is not None else _NOTABLE_IDLE):
+            _note_idle(db, idle, limit if limit is not None else INF)
         if in_tx:
             _mark_lost(db, Disconnect(2006, "gone", not_sent=True, retryable=True))
             raise _lost_in_transaction(db, "the server closed the connection", idle)
         _discard(db, "disconnected", idle)
         return
     pinged = False
-    if db._dbk_limit is None:
+    if limit is None:
         try:
             db._dbk_wait = _read_wait_timeout(db.connection)
         except Exception as exc:
-            if classify(exc) is None:
-                # A proxy that cannot answer it: rely on the peek and the ping alone.
-                logger.warning(
-                    "dbkeepalive: could not read wait_timeout on %r (%s); set "
-                    "DBKEEPALIVE['WAIT_TIMEOUT'] to give the guard an idle limit",
-                    db.alias,
-                    type(exc).__name__,
-                )
-                db._dbk_wait = INF
-            else:
+            if classify(exc) is not None:
                 _ping_failed(db, idle, in_tx, exc)
                 return
-        db._dbk_limit = _limit_for(db._dbk_wait, cfg)
+            # A proxy that cannot answer it: rely on the peek and the ping alone.
+            logger.warning(
+                "dbkeepalive: could not read wait_timeout on %r (%s); set "
+                "DBKEEPALIVE['WAIT_TIMEOUT'] to give the guard an idle limit",
+                db.alias,
+                type(exc).__name__,
+            )
+            db._dbk_wait = INF
+        limit = db._dbk_limit = _limit_for(db._dbk_wait, cfg)
         pinged = True
-    limit: float = db._dbk_limit
-    ping_after = cfg.ping_after
-    wants_ping = not pinged and ping_after is not None and idle > ping_after
-    if idle > limit or wants_ping:
-        # `idle` counts from the previous statement's start; the kernel knows when the
-        # server last sent anything, which excludes a long statement's own duration.
-        kernel = _kernel_idle(db)
-        if kernel is None and idle > limit and not pinged:
-            # No TCP (a local socket, where nothing drops a flow silently): ask the
-            # server rather than drop a session that a long statement kept busy.
-            try:
-                _ping(db.connection)
-            except Exception as exc:
-                _ping_failed(db, idle, in_tx, exc)
-                return
-            return
-        if kernel is not None:
-            idle = min(idle, kernel)
-            wants_ping = not pinged and ping_after is not None and idle > ping_after
+    if idle > limit and kernel is None and not pinged:
+        # No TCP (a local socket, where nothing drops a flow silently): ask the server
+        # rather than drop a session that a long statement may have kept busy.
+        try:
+            _ping(db.connection)
+        except Exception as exc:
+            _ping_failed(db, idle, in_tx, exc)
+        return
     if idle > limit:
-        over = db._dbk_over
-        if over is None or idle > over[0]:
-            db._dbk_over = (idle, limit)
+        _note_idle(db, idle, limit)
         if in_tx:
             if idle >= db._dbk_wait:
                 # The server has closed it, or a network device dropped it silently:
@@ -454,7 +462,7 @@ def _check_mysql(db: Any, idle: float, in_tx: bool) -> None:
             return  # still inside wait_timeout: the session is alive, go on
         _discard(db, "idle", idle)
         return
-    if wants_ping:
+    if not pinged and ping_after is not None and idle > ping_after:
         try:
             _ping(db.connection)
         except Exception as exc:
@@ -736,7 +744,10 @@ def disable(db: Any) -> None:
 
 
 def take_idle_report(db: Any) -> tuple[float, float] | None:
-    """``(idle, limit)`` of the longest idle past the limit since the last call, or None."""
+    """``(idle, limit)`` of the longest idle past the limit since the last call, or None.
+
+    ``limit`` is ``inf`` when the server closed the connection before the guard had read
+    its ``wait_timeout``."""
     report: tuple[float, float] | None = db._dbk_over
     db._dbk_over = None
     return report

@@ -165,11 +165,6 @@ def test_a_request_that_raises_still_logs_and_ends_guarding(set_wait_timeout, ra
     assert_unguarded()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="guard._check_mysql records no idle report when the peek finds the "
-    "connection already closed by the server (idle > wait_timeout)",
-)
 @override_settings(MIDDLEWARE=WITH_MIDDLEWARE)
 def test_a_request_idle_past_wait_timeout_logs_a_warning(set_wait_timeout, raw, caplog):
     set_wait_timeout(2)
@@ -177,4 +172,19 @@ def test_a_request_idle_past_wait_timeout_logs_a_warning(set_wait_timeout, raw, 
     response = Client().get("/long/", {"sleep": "3", "key": "late"})
     assert response.status_code == 200
     assert keys(raw) == ["late"]
-    assert len(warnings(caplog)) == 1
+    [message] = warnings(caplog)
+    assert "'default' idle 3." in message
+
+
+@override_settings(MIDDLEWARE=WITH_MIDDLEWARE)
+def test_the_first_pause_of_a_connection_is_reported_before_the_limit_is_known(
+    set_wait_timeout, raw, caplog
+):
+    # wait_timeout 4, pause 3: past the guard's limit (4 - 2), the session still alive.
+    set_wait_timeout(4)
+    caplog.set_level(logging.INFO, logger="django_dbkeepalive")
+    response = Client().get("/long/", {"sleep": "3", "key": "first"})
+    assert response.status_code == 200
+    assert keys(raw) == ["first"]
+    [message] = warnings(caplog)
+    assert "'default' idle 3." in message and "limit 2.0" in message
