@@ -18,6 +18,8 @@ import statistics
 import sys
 import time
 
+RECOVERY_CONNECTS: list[int] = []
+
 
 def setup(mode: str, driver: str) -> None:
     if driver == "pymysql":
@@ -93,8 +95,28 @@ def run(case: str, n: int) -> list[float]:
             start = clock()
             client.get("/three/")
             timings.append(clock() - start)
+    elif case == "memory":
+        import tracemalloc
+
+        cursor = connection.cursor()
+        for _ in range(10_000):  # warm up: caches, interned strings, the guard's state
+            cursor.execute("SELECT 1")
+            cursor.fetchone()
+        tracemalloc.start()
+        before = tracemalloc.take_snapshot()
+        for _ in range(n):
+            cursor.execute("SELECT 1")
+            cursor.fetchone()
+        after = tracemalloc.take_snapshot()
+        tracemalloc.stop()
+        growth = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+        timings.append(growth / n)  # bytes per query, reported as "median_us" * 1e-6
     elif case == "recovery":
         import pymysql
+        from django.db.backends.signals import connection_created
+
+        opened = []
+        connection_created.connect(lambda **kw: opened.append(1), weak=False)
 
         admin = dict(
             host=os.environ["DBK_DB_HOST"],
@@ -111,12 +133,14 @@ def run(case: str, n: int) -> list[float]:
             killer.cursor().execute(f"KILL {connection.connection.thread_id()}")
             killer.close()
             time.sleep(0.2)
+            opened.clear()
             start = clock()
             try:
                 cursor = connection.cursor()
                 cursor.execute("SELECT 1")
                 cursor.fetchone()
                 timings.append(clock() - start)
+                RECOVERY_CONNECTS.append(len(opened))
             except Exception:
                 timings.append(float("nan"))  # plain Django: the query fails
                 connection.close()
@@ -138,18 +162,15 @@ def main() -> None:
         gc.disable()
     timings = run(case, n)
     ok = [t for t in timings if t == t]
-    print(
-        json.dumps(
-            {
-                "mode": mode,
-                "driver": driver,
-                "case": case,
-                "n": n,
-                "failed": len(timings) - len(ok),
-                "median_us": statistics.median(ok) * 1e6 if ok else None,
-            }
-        )
-    )
+    result: dict[str, object] = {"mode": mode, "driver": driver, "case": case, "n": n}
+    if case == "memory":
+        result["bytes_per_query"] = timings[0]
+    else:
+        result["failed"] = len(timings) - len(ok)
+        result["median_us"] = statistics.median(ok) * 1e6 if ok else None
+    if case == "recovery":
+        result["max_connects_per_recovery"] = max(RECOVERY_CONNECTS, default=None)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
