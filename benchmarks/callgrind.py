@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import platform
+import re
 import shutil
 import subprocess
 import sys
