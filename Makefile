@@ -11,7 +11,7 @@ APT_PACKAGES := mariadb-server libmariadb-dev pkg-config
 # mariadbd lives in /usr/sbin, often not on a normal user's PATH.
 export PATH := $(PATH):/usr/sbin:/usr/local/sbin
 
-.PHONY: help deps venv test demo bench lint clean
+.PHONY: help deps venv test demo bench lint matrix clean
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-7s %s\n", $$1, $$2}'
@@ -63,6 +63,13 @@ demo: venv ## run the demo (testproject/demo.py)
 
 bench: venv ## run the benchmarks
 	$(PY) benchmarks/run.py
+
+# pyenv's interpreters, so tox finds python3.10 ... python3.13 (Django 6.x needs >= 3.12).
+PYENV_BINS := $(subst $(eval) ,:,$(wildcard $(HOME)/.pyenv/versions/3.1[0-3]*/bin))
+
+matrix: venv ## the tox matrix: Django 4.2-6.1 x Python 3.10-3.13 x both drivers
+	$(PY) -m pip install -q "tox>=4.11"
+	PATH="$(PYENV_BINS):$$PATH" $(VENV)/bin/tox run-parallel --parallel 2 --parallel-no-spinner $(TOX_ARGS)
 
 lint: venv ## ruff and mypy
 	$(VENV)/bin/ruff check .
