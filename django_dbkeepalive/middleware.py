@@ -20,6 +20,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from django.apps import apps
+from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 from django.http import HttpRequest, HttpResponseBase
 
@@ -97,6 +99,14 @@ class KeepaliveMiddleware:
     async_capable = True
 
     def __init__(self, get_response: GetResponse | AsyncGetResponse) -> None:
+        if not apps.is_installed("django_dbkeepalive"):
+            # The guard is installed by the app; without it this would silently do
+            # nothing (and the system checks that would say so are the app's too).
+            raise ImproperlyConfigured(
+                "dbkeepalive.W007: django_dbkeepalive.middleware.KeepaliveMiddleware is in "
+                "MIDDLEWARE but 'django_dbkeepalive' is not in INSTALLED_APPS. Add "
+                "'django_dbkeepalive' to INSTALLED_APPS."
+            )
         # Either kind; async_mode tells which one it is.
         self.get_response: Callable[[HttpRequest], Any] = get_response
         self.async_mode = iscoroutinefunction(get_response)

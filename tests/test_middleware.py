@@ -188,3 +188,15 @@ def test_the_first_pause_of_a_connection_is_reported_before_the_limit_is_known(
     assert keys(raw) == ["first"]
     [message] = warnings(caplog)
     assert "'default' idle 3." in message and "limit 2.0" in message
+
+
+def test_middleware_without_the_app_stops_with_a_clear_error():
+    from django.core.exceptions import ImproperlyConfigured
+    from django.test import modify_settings
+
+    from django_dbkeepalive.middleware import KeepaliveMiddleware
+
+    with modify_settings(INSTALLED_APPS={"remove": "django_dbkeepalive"}):
+        with pytest.raises(ImproperlyConfigured) as caught:
+            KeepaliveMiddleware(lambda request: None)
+    assert "'django_dbkeepalive' to INSTALLED_APPS" in str(caught.value)
