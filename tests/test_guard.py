@@ -12,6 +12,7 @@ from django.test import Client, override_settings
 
 from django_dbkeepalive import ConnectionLostInTransaction
 from django_dbkeepalive.signals import connection_recycled
+from django_dbkeepalive.testing import expire_connection, kill_connection
 from testproject.testapp.models import Item
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -98,12 +99,12 @@ def test_proactive_recycle_before_the_server_closes_it(recycles, server):
     cursor = connection.cursor()
     cursor.execute("SET SESSION wait_timeout = 2")
     cursor.execute("SELECT 1")
-    time.sleep(0.3)  # first pause: the guard reads the session's wait_timeout
+    expire_connection(idle=0.3)  # first pause: the guard reads the session's wait_timeout
     cursor.execute("SELECT 1")
     assert connection._dbk_wait == 2.0
     assert connection._dbk_limit == 1.0  # 2 s minus a margin capped at half of it
     old = thread_id()
-    time.sleep(1.4)  # past the limit, still inside wait_timeout: the session is alive
+    expire_connection()  # past the limit, still inside wait_timeout: the session is alive
     assert old in [p["id"] for p in server.processlist()]
     cursor.execute("SELECT 2")
     assert cursor.fetchone() == (2,)
@@ -116,18 +117,16 @@ def test_configured_wait_timeout_is_used_without_asking_the_server(recycles):
         connection.close()
         Item.objects.count()
         assert connection._dbk_limit == 1.5
-        time.sleep(1.7)
+        expire_connection()  # idle past the 1.5 s limit
         Item.objects.count()
     assert [r[1] for r in recycles] == ["idle"]
 
 
 def test_kill_then_read_and_write_succeed(server, raw, recycles):
     Item.objects.create(key="a")
-    server.kill(thread_id())
-    time.sleep(0.3)
+    kill_connection()
     assert Item.objects.count() == 1
-    server.kill(thread_id())
-    time.sleep(0.3)
+    kill_connection()
     Item.objects.create(key="b")
     assert keys(raw) == ["a", "b"]
     assert [r[1] for r in recycles] == ["disconnected", "disconnected"]
@@ -163,8 +162,7 @@ def test_kill_inside_atomic_raises_and_nothing_is_committed(server, raw):
     with pytest.raises(ConnectionLostInTransaction):
         with transaction.atomic():
             Item.objects.create(key="first")
-            server.kill(thread_id())
-            time.sleep(0.3)
+            kill_connection()
             Item.objects.create(key="second")
     assert keys(raw) == []
     assert Item.objects.count() == 0
@@ -187,8 +185,7 @@ def test_nested_atomic_lost_connection_rolls_back_whole_block(server, raw):
             Item.objects.create(key="outer")
             with transaction.atomic():
                 Item.objects.create(key="inner")
-                server.kill(thread_id())
-                time.sleep(0.3)
+                kill_connection()
                 Item.objects.create(key="inner2")
     assert keys(raw) == []
     assert Item.objects.count() == 0
@@ -198,8 +195,7 @@ def test_manual_transaction_lost_stays_manual_after_rollback(server, raw):
     transaction.set_autocommit(False)
     try:
         Item.objects.create(key="lost")
-        server.kill(thread_id())
-        time.sleep(0.3)
+        kill_connection()
         with pytest.raises(ConnectionLostInTransaction):
             Item.objects.create(key="lost2")
         transaction.rollback()
@@ -215,9 +211,8 @@ def test_manual_transaction_lost_stays_manual_after_rollback(server, raw):
 @override_settings(DBKEEPALIVE={"PEEK_AFTER": 1000})
 def test_read_that_hits_a_dead_connection_is_rerun_once(server, recycles):
     Item.objects.create(key="a")
+    kill_connection(notice=False)  # the statement below hits the dead connection
     before = server.connections_total()
-    server.kill(thread_id())
-    time.sleep(0.3)
     assert list(Item.objects.values_list("key", flat=True)) == ["a"]
     assert server.connections_total() == before + 1
     assert [r[1] for r in recycles] == ["disconnected"]
@@ -225,8 +220,7 @@ def test_read_that_hits_a_dead_connection_is_rerun_once(server, recycles):
 
 @override_settings(DBKEEPALIVE={"PEEK_AFTER": 1000})
 def test_write_whose_fate_is_unknown_is_not_rerun(server, raw):
-    server.kill(thread_id())
-    time.sleep(0.3)
+    kill_connection(notice=False)
     with pytest.raises(OperationalError) as caught:
         Item.objects.create(key="maybe")
     assert caught.value.args[0] in (2013, 2006, 1927)
@@ -239,8 +233,7 @@ def test_write_whose_fate_is_unknown_is_not_rerun(server, raw):
 @override_settings(DBKEEPALIVE={"PEEK_AFTER": 1000, "RETRY_READS": False})
 def test_reads_are_not_rerun_when_retry_reads_is_off(server):
     Item.objects.count()
-    server.kill(thread_id())
-    time.sleep(0.3)
+    kill_connection(notice=False)
     with pytest.raises(OperationalError):
         Item.objects.count()
     assert Item.objects.count() == 0
@@ -249,8 +242,7 @@ def test_reads_are_not_rerun_when_retry_reads_is_off(server):
 @override_settings(DBKEEPALIVE={"PEEK_AFTER": 1000})
 def test_session_dependent_read_is_not_rerun(server):
     Item.objects.count()
-    server.kill(thread_id())
-    time.sleep(0.3)
+    kill_connection(notice=False)
     cursor = connection.cursor()
     with pytest.raises(OperationalError):
         cursor.execute("SELECT LAST_INSERT_ID()")
@@ -262,8 +254,7 @@ def test_session_dependent_read_is_not_rerun(server):
 def test_driver_interface_error_never_reaches_code_after_a_disconnect(server):
     cursor = connection.cursor()
     cursor.execute("SELECT 1")
-    server.kill(thread_id())
-    time.sleep(0.3)
+    kill_connection(notice=False)
     with pytest.raises(OperationalError):
         cursor.execute("INSERT INTO testapp_item (`key`, value, created) VALUES ('x', 1, NOW())")
     # PyMySQL would now raise InterfaceError(0, '') on every statement of this cursor.
@@ -275,7 +266,7 @@ def test_driver_interface_error_never_reaches_code_after_a_disconnect(server):
 def test_hot_path_sends_nothing_but_the_statements(server):
     cursor = connection.cursor()
     cursor.execute("SELECT 1")
-    time.sleep(0.3)  # let the guard read wait_timeout once
+    expire_connection(idle=0.3)  # a short pause: the guard reads wait_timeout once
     cursor.execute("SHOW SESSION STATUS LIKE 'Questions'")
     start = int(cursor.fetchone()[1])
     for _ in range(200):
@@ -313,7 +304,7 @@ def test_a_long_statement_is_not_mistaken_for_idle_time(recycles):
     cursor = connection.cursor()
     cursor.execute("SET SESSION wait_timeout = 2")
     cursor.execute("CREATE TEMPORARY TABLE scratch (id INT)")
-    time.sleep(0.3)
+    expire_connection(idle=0.3)  # a short pause
     cursor.execute("INSERT INTO scratch VALUES (1)")  # the guard reads wait_timeout here
     old = thread_id()
     cursor.execute("SELECT SLEEP(2.5)")  # longer than wait_timeout, but busy, not idle
