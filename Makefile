@@ -25,6 +25,7 @@ deps: ## check (as root: install) what the build and the tests need from the sys
 	pkg-config --exists libmariadb 2>/dev/null || mysql_config --version >/dev/null 2>&1 \
 	  || { missing="$$missing libmariadb-headers"; pkgs="$$pkgs libmariadb-dev"; }; \
 	command -v cc >/dev/null || { missing="$$missing cc"; pkgs="$$pkgs gcc"; }; \
+	command -v redis-server >/dev/null || { missing="$$missing redis-server"; pkgs="$$pkgs redis-server"; }; \
 	$(PYTHON) -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
 	  || { missing="$$missing Python.h"; pkgs="$$pkgs python3-dev"; }; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null \
@@ -34,8 +35,9 @@ deps: ## check (as root: install) what the build and the tests need from the sys
 	echo "missing:$$missing"; \
 	if [ "$$(id -u)" != 0 ]; then echo "run: sudo apt-get install -y $$pkgs"; exit 1; fi; \
 	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$pkgs
-# Installing mariadb-server may start the system service: harmless, the tests
-# always start their own private server and never use it.
+# Installing mariadb-server or redis-server (the Celery tests' broker) may start the
+# system service: harmless, the tests always start their own private servers on free
+# ports and never use it.
 
 venv: $(VENV)/.installed ## create .venv and install the package with test and lint extras
 

@@ -19,9 +19,7 @@ if DRIVER == "pymysql":
 
     pymysql.install_as_MySQLdb()
 elif DRIVER != "mysqlclient":
-    raise ImproperlyConfigured(
-        f"DBK_DRIVER must be 'mysqlclient' or 'pymysql', not {DRIVER!r}"
-    )
+    raise ImproperlyConfigured(f"DBK_DRIVER must be 'mysqlclient' or 'pymysql', not {DRIVER!r}")
 
 APP_ENABLED = os.environ.get("DBK_APP", "1") != "0"
 
@@ -70,12 +68,18 @@ DATABASES = {
     }
 }
 
+# Celery (testproject/celery.py): the tests start a private redis-server and pass it in
+# DBK_CELERY_BROKER; without it the broker is in-memory and nothing connects anywhere.
+CELERY_BROKER_URL = os.environ.get("DBK_CELERY_BROKER") or "memory://"
+CELERY_RESULT_BACKEND = os.environ.get("DBK_CELERY_BROKER") or "cache+memory://"
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+if os.environ.get("DBK_CELERY_DB_REUSE_MAX"):
+    CELERY_DB_REUSE_MAX = int(os.environ["DBK_CELERY_DB_REUSE_MAX"])
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
-    },
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "loggers": {"django_dbkeepalive": {"handlers": ["console"], "level": "INFO"}},
 }
