@@ -15,6 +15,8 @@ import pytest
 from django.db import Error, connections
 
 from .mariadb import MariaDBServer
+from .proxy import HOST as PROXY_HOST
+from .proxy import FaultProxy
 
 MYSQL_ENGINES = ("django.db.backends.mysql",)
 
@@ -157,4 +159,58 @@ def conn_max_age() -> Iterator[Callable[[int | None], None]]:
 
     yield set_
     settings_dict["CONN_MAX_AGE"] = saved
+    close_connections()
+
+
+@pytest.fixture
+def proxy(mariadb: MariaDBServer) -> Iterator[FaultProxy]:
+    """A :class:`~tests.proxy.FaultProxy` on 127.0.0.1 in front of the session server."""
+    started = FaultProxy(mariadb.port).start()
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+@pytest.fixture
+def via_proxy(proxy: FaultProxy, django_db_setup: None) -> Iterator[FaultProxy]:
+    """The default alias connects through ``proxy`` for this test, in every thread.
+
+    Rewrites HOST/PORT in the alias's settings dict (shared by the wrappers of all
+    threads) and closes this thread's connections, so the next query opens a flow
+    through the proxy; restores both (and closes again) after the test.
+    """
+    settings_dict = connections["default"].settings_dict
+    saved = settings_dict["HOST"], settings_dict["PORT"]
+    close_connections()
+    settings_dict.update(HOST=PROXY_HOST, PORT=proxy.port)
+    try:
+        yield proxy
+    finally:
+        settings_dict.update(HOST=saved[0], PORT=saved[1])
+        close_connections()
+
+
+@pytest.fixture
+def db_options() -> Iterator[Callable[..., None]]:
+    """``db_options(read_timeout=2, connect_timeout=None)``: change the default alias's
+    OPTIONS for this test (``None`` removes a key), in every thread.
+
+    Closes this thread's connections so the next one uses them; restores the old
+    OPTIONS (and closes again) after the test.
+    """
+    options = connections["default"].settings_dict.setdefault("OPTIONS", {})
+    saved = dict(options)
+
+    def set_(**changes: Any) -> None:
+        for name, value in changes.items():
+            if value is None:
+                options.pop(name, None)
+            else:
+                options[name] = value
+        close_connections()
+
+    yield set_
+    options.clear()
+    options.update(saved)
     close_connections()
