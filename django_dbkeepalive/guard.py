@@ -18,6 +18,7 @@ untouched or unguarded wrapper skip the guard.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import select
@@ -26,17 +27,27 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from django.core.signals import setting_changed
 from django.db import connections
+from django.db import utils as db_utils
 from django.db.backends import utils as backend_utils
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.signals import connection_created
 
 from .conf import AliasSettings, conf
-from .errors import ConnectionLostInTransaction, Disconnect, classify, is_retryable_read
+from .errors import (
+    Cause,
+    ConnectionLostInTransaction,
+    Disconnect,
+    classify,
+    explain,
+    is_read,
+    is_retryable_read,
+    network_evidence,
+)
 from .signals import connection_recycled
 
 logger = logging.getLogger("django_dbkeepalive")
@@ -60,6 +71,8 @@ _CLASS_DEFAULTS: dict[str, Any] = {
     "_dbk_forced": 0,  # scopes (middleware...) that guard it although AUTO_GUARD=False
     "_dbk_manual": False,  # reopen with autocommit off (lost in a manual transaction)
     "_dbk_over": None,  # (idle, limit) of the longest idle past the limit, for reports
+    "_dbk_map": None,  # the server's max_allowed_packet for this session (None: not read)
+    "_dbk_why": None,  # the Cause of the last connection the guard found lost
 }
 
 _installed = False
@@ -160,6 +173,24 @@ def _is_pymysql(conn: Any) -> bool:
     return type(conn).__module__.startswith("pymysql")
 
 
+@contextlib.contextmanager
+def _socket_for(fd: int) -> Iterator[socket.socket]:
+    """A Python socket object on a duplicate of ``fd``, for getsockopt/setsockopt/peek.
+
+    The duplicate shares the driver's open file description: creating a socket object
+    sets ``O_NONBLOCK`` on it when ``socket.setdefaulttimeout()`` was called, which
+    would change the driver's socket too, so its file status flags are restored."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        yield sock
+    finally:
+        sock.close()
+        with contextlib.suppress(OSError):
+            if fcntl.fcntl(fd, fcntl.F_GETFL) != flags:
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+
+
 def _kernel_idle(db: Any) -> float | None:
     """Seconds since the server last sent data on this TCP connection (Linux TCP_INFO's
     ``tcpi_last_data_recv``), or ``None`` when the socket is not TCP or it is unknown."""
@@ -167,13 +198,10 @@ def _kernel_idle(db: Any) -> float | None:
     if fd is None or not hasattr(socket, "TCP_INFO"):
         return None
     try:
-        sock = socket.socket(fileno=os.dup(fd))
-        try:
+        with _socket_for(fd) as sock:
             if sock.family not in (socket.AF_INET, socket.AF_INET6):
                 return None
             info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-        finally:
-            sock.close()
     except OSError:
         return None
     if len(info) < 56:
@@ -181,6 +209,32 @@ def _kernel_idle(db: Any) -> float | None:
     # struct tcp_info: 8 bytes of u8 fields, then u32s; tcpi_last_data_recv is the 12th.
     last_data_recv_ms: int = struct.unpack_from("=I", info, 52)[0]
     return last_data_recv_ms / 1000.0
+
+
+def _peek_why(db: Any) -> str:
+    """What made an idle connection's socket readable, without consuming anything
+    the driver could need: ``"eof"`` (the server closed it: KILL, shutdown),
+    ``"reset"`` (an RST: MariaDB's wait_timeout close, or the network), ``"error:CODE"``
+    (an unsolicited error packet, e.g. 4031) or ``"unknown"``. One ``recv(MSG_PEEK)``;
+    only called once the connection is known to be dead."""
+    fd = _verified_fd(db)
+    if fd is None:
+        return "unknown"
+    try:
+        with _socket_for(fd) as sock:
+            try:
+                head = sock.recv(7, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except ConnectionResetError:
+                return "reset"
+            except OSError:
+                return "unknown"
+    except OSError:
+        return "unknown"
+    if not head:
+        return "eof"
+    if len(head) >= 7 and head[4] == 0xFF:  # 3-byte length, sequence, 0xFF, code
+        return f"error:{int.from_bytes(head[5:7], 'little')}"
+    return "unknown"
 
 
 def _ping(conn: Any) -> None:
@@ -191,13 +245,51 @@ def _ping(conn: Any) -> None:
 
 
 def _read_wait_timeout(conn: Any) -> float:
+    return _read_server_limits(conn)[0]
+
+
+def _read_server_limits(conn: Any) -> tuple[float, int | None]:
+    """The session's ``wait_timeout`` and ``max_allowed_packet``, in one round trip."""
     cursor = conn.cursor()
     try:
-        cursor.execute("SELECT @@SESSION.wait_timeout")
+        cursor.execute("SELECT @@SESSION.wait_timeout, @@SESSION.max_allowed_packet")
         row = cursor.fetchone()
     finally:
         cursor.close()
-    return float(row[0])
+    return float(row[0]), None if row[1] is None else int(row[1])
+
+
+def _read_max_allowed_packet(db: Any) -> int | None:
+    """The server's ``max_allowed_packet``: known, or read on a new connection (outside a
+    transaction only: the next statement would open one anyway). ``None`` if unknown."""
+    if db._dbk_map is not None:
+        return int(db._dbk_map)
+    if _in_transaction(db):
+        return None
+    try:
+        db.ensure_connection()
+        cursor = db.connection.cursor()
+        try:
+            cursor.execute("SELECT @@SESSION.max_allowed_packet")
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+    except Exception:  # the server is gone too: the sizes stay unknown
+        with contextlib.suppress(Exception):
+            close_connection(db)
+        return None
+    db._dbk_map = int(row[0])
+    return int(row[0])
+
+
+def _read_timeout(db: Any) -> float | None:
+    """The client read_timeout this connection was opened with, if any (seconds)."""
+    options = db.settings_dict.get("OPTIONS") or {}
+    value = options.get("read_timeout")
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _limit_for(wait: float, cfg: AliasSettings) -> float:
@@ -233,6 +325,8 @@ def _on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:
     db._dbk_ino = _socket_id(db.connection) if db.vendor == "mysql" else None
     db._dbk_last = now
     db._dbk_lost = None
+    db._dbk_why = None
+    db._dbk_map = None
     db._dbk_wait = cfg.wait_timeout
     db._dbk_limit = None if cfg.wait_timeout is None else _limit_for(cfg.wait_timeout, cfg)
     _open_wrappers.add(db)
@@ -262,19 +356,22 @@ def _in_transaction(db: Any) -> bool:
     return bool(db.in_atomic_block or not db.autocommit)
 
 
-def _recycled(db: Any, reason: str, idle: float) -> None:
+def _recycled(db: Any, reason: str, idle: float, cause: Cause | None = None) -> None:
     if not 0.0 <= idle < INF:
         idle = 0.0  # no idle period (a statement was in flight)
     logger.info(
-        "dbkeepalive: recycled the %r connection (reason: %s, idle %.1fs)",
+        "dbkeepalive: recycled the %r connection (reason: %s, idle %.1fs%s)",
         db.alias,
         reason,
         idle,
+        "" if cause is None else f"; {cause.what}",
     )
     connection_recycled.send(sender=db.alias, reason=reason, idle=idle)
 
 
-def _discard(db: Any, reason: str, idle: float, *, graceful: bool = False) -> None:
+def _discard(
+    db: Any, reason: str, idle: float, *, graceful: bool = False, cause: Cause | None = None
+) -> None:
     """Close the connection outside a transaction; the next statement reconnects."""
     if not graceful:
         _detach_socket(db)
@@ -288,40 +385,66 @@ def _discard(db: Any, reason: str, idle: float, *, graceful: bool = False) -> No
     db._dbk_ino = None
     db._dbk_lost = None
     db._dbk_due = -INF  # a cursor still bound to the old connection takes the slow path
+    db._dbk_why = cause if cause is not None else db._dbk_why
     _open_wrappers.discard(db)
-    _recycled(db, reason, idle)
+    _recycled(db, reason, idle, cause)
 
 
-def _mark_lost(db: Any, disconnect: Disconnect) -> None:
+def _mark_lost(db: Any, disconnect: Disconnect, cause: Cause | None = None) -> None:
     _detach_socket(db)  # later operations fail at once instead of hanging
     db._dbk_lost = disconnect
+    db._dbk_why = cause if cause is not None else explain(disconnect.kind)
     db._dbk_due = -INF
 
 
+def _idle_text(idle: float) -> str:
+    if idle == -INF:
+        return "it broke while a statement was in flight"
+    if idle == INF:
+        return "idle time unknown"
+    return f"idle {idle:.1f}s"
+
+
 def _lost_in_transaction(
-    db: Any, what: str, idle: float, cause: BaseException | None = None
+    db: Any,
+    cause: Cause,
+    idle: float,
+    exc: BaseException | None = None,
+    *,
+    commit_unknown: bool = False,
 ) -> ConnectionLostInTransaction:
     limit = db._dbk_limit
     wait = db._dbk_wait
-    idle_text = "unknown" if idle in (INF, -INF) else f"{idle:.1f}s"
     limits = (
-        f"the guard's idle limit is {limit:.1f}s (server wait_timeout {wait:g}s)"
-        if limit is not None and wait is not None
+        f"the guard's idle limit is {limit:.1f}s, the server's wait_timeout {wait:g}s"
+        if limit is not None and wait is not None and wait < INF
         else "the server's wait_timeout is not known yet"
     )
+    if commit_unknown:
+        outcome = (
+            "The COMMIT was sent but its reply was lost, so whether the transaction was "
+            "saved is UNKNOWN: check the data before running the work again."
+        )
+    else:
+        outcome = (
+            "The server rolled the transaction back, so nothing this transaction wrote was saved."
+        )
+    advice = cause.advice
+    if cause.kind == "idle_timeout":
+        advice += " Keep slow work (API calls, building files) outside transaction.atomic()."
     message = (
-        f"The database connection {db.alias!r} was lost inside a transaction ({what}; "
-        f"idle {idle_text}, {limits}). The server rolled the transaction back, so "
-        "nothing this transaction wrote was saved. django-dbkeepalive never reconnects "
-        "inside a transaction. Leave the atomic block (the connection works again "
-        "after it) and run the whole unit of work again; keep slow work (API calls, "
-        "file building) outside transaction.atomic()."
+        f"The database connection {db.alias!r} was lost inside a transaction: "
+        f"{cause.what} ({_idle_text(idle)}; {limits}). {outcome} django-dbkeepalive never "
+        "reconnects inside a transaction: leave the atomic block (the connection works "
+        f"again after it) and run the whole unit of work again. {advice}"
     )
     code = None
-    if cause is not None:
-        found = classify(cause)
+    if exc is not None:
+        found = classify(exc)
         code = found.code if found is not None and found.code > 0 else None
-    return ConnectionLostInTransaction(message, alias=db.alias, idle=idle, limit=limit, code=code)
+    return ConnectionLostInTransaction(
+        message, alias=db.alias, idle=idle, limit=limit, code=code, cause=cause.kind
+    )
 
 
 def _driver_cursor(cursor: Any) -> Any:
@@ -368,7 +491,7 @@ def _before(db: Any, cursor: Any = None, *, force: bool = False) -> None:
     lost = db._dbk_lost
     if lost is not None:
         if in_tx:
-            raise _lost_in_transaction(db, f"disconnected: {lost.kind}", idle)
+            raise _lost_in_transaction(db, db._dbk_why or explain(lost.kind), idle)
         _discard(db, "fork" if lost is _FORK else "disconnected", idle)
     elif db.vendor == "mysql":
         _check_mysql(db, idle, in_tx)
@@ -420,15 +543,16 @@ def _check_mysql(db: Any, idle: float, in_tx: bool) -> None:
         # EOF or an unsolicited error packet: the server closed or killed the session.
         if idle > (limit if limit is not None else _NOTABLE_IDLE):
             _note_idle(db, idle, limit if limit is not None else INF)
+        cause = _closed_while_idle(db, idle)
         if in_tx:
-            _mark_lost(db, Disconnect(2006, "gone", not_sent=True, retryable=True))
-            raise _lost_in_transaction(db, "the server closed the connection", idle)
-        _discard(db, "disconnected", idle)
+            _mark_lost(db, Disconnect(2006, "gone", not_sent=True, retryable=True), cause)
+            raise _lost_in_transaction(db, cause, idle)
+        _discard(db, "disconnected", idle, cause=cause)
         return
     pinged = False
     if limit is None:
         try:
-            db._dbk_wait = _read_wait_timeout(db.connection)
+            db._dbk_wait, db._dbk_map = _read_server_limits(db.connection)
         except Exception as exc:
             if classify(exc) is not None:
                 _ping_failed(db, idle, in_tx, exc)
@@ -457,8 +581,9 @@ def _check_mysql(db: Any, idle: float, in_tx: bool) -> None:
             if idle >= db._dbk_wait:
                 # The server has closed it, or a network device dropped it silently:
                 # either way the transaction is gone; do not wait on the socket.
-                _mark_lost(db, Disconnect(2013, "idle_timeout", False, True))
-                raise _lost_in_transaction(db, "idle past the server's wait_timeout", idle)
+                cause = explain("idle_timeout", idle=idle, wait=db._dbk_wait)
+                _mark_lost(db, Disconnect(2013, "idle_timeout", False, True), cause)
+                raise _lost_in_transaction(db, cause, idle)
             return  # still inside wait_timeout: the session is alive, go on
         _discard(db, "idle", idle)
         return
@@ -469,18 +594,126 @@ def _check_mysql(db: Any, idle: float, in_tx: bool) -> None:
             _ping_failed(db, idle, in_tx, exc)
 
 
+def _closed_while_idle(db: Any, idle: float) -> Cause:
+    """Why an idle connection's socket turned readable (see :func:`_peek_why`)."""
+    why = _peek_why(db)
+    wait = db._dbk_wait
+    codes = {1927: "killed", 3169: "killed", 1053: "shutdown", 4031: "idle_timeout"}
+    if why.startswith("error:"):
+        kind = codes.get(int(why[6:]), "gone")
+    elif wait is not None and idle >= wait:
+        kind = "idle_timeout"
+    else:
+        kind = {"eof": "closed", "reset": "reset"}.get(why, "gone")
+    return explain(kind, idle=idle, wait=wait)
+
+
 def _ping_failed(db: Any, idle: float, in_tx: bool, exc: BaseException) -> None:
+    found = classify(exc) or Disconnect(2013, "lost", False, True)
+    cause = _failure_cause(db, found, exc, pymysql=_is_pymysql(db.connection))
     if in_tx:
-        _mark_lost(db, Disconnect(2013, "lost", False, True))
-        raise _lost_in_transaction(db, "the connection check failed", idle, exc) from exc
-    _discard(db, "ping_failed", idle)
+        _mark_lost(db, Disconnect(2013, "lost", False, True), cause)
+        raise _lost_in_transaction(db, cause, idle, exc) from exc
+    _discard(db, "ping_failed", idle, cause=cause)
 
 
-def _failed(db: Any, cursor: Any, exc: BaseException, retry: Callable[[], Any] | None) -> Any:
+def _failure_cause(db: Any, found: Disconnect, exc: BaseException, *, pymysql: bool) -> Cause:
+    """Why a statement (or ping) failed with a disconnect, as far as can be told."""
+    kind = found.kind
+    if kind in ("lost", "network", "gone", "closed"):
+        evidence = network_evidence(exc)
+        read_timeout = _read_timeout(db)
+        # libmariadb says the same for a timeout as for a close, and closes the socket;
+        # the time since the slow path last ran (at most PEEK_AFTER before the statement
+        # started) tells a read that waited out read_timeout.
+        if (
+            evidence is None
+            and not pymysql
+            and kind == "lost"
+            and read_timeout
+            and _now() - db._dbk_last >= read_timeout * 0.95
+        ):
+            evidence = "timeout"
+        if evidence is not None:
+            return explain(evidence, read_timeout=read_timeout)
+    return explain(kind, wait=db._dbk_wait)
+
+
+def _statement_size(statement: tuple[Any, Any, bool] | None) -> int | None:
+    """At least how many bytes the statement took on the wire (SQL plus the parameters'
+    text; escaping only adds to it), or ``None``. Only sizes, never the values."""
+    if statement is None:
+        return None
+    sql, params, many = statement
+    try:
+        size = len(sql.encode("utf-8") if isinstance(sql, str) else sql)
+        rows = params if many else [params]
+        if not isinstance(rows, (list, tuple)):
+            return None  # an iterator the driver has consumed
+        for row in rows:
+            if row is None:
+                continue
+            values = row.values() if isinstance(row, Mapping) else row
+            for value in values:
+                if isinstance(value, (bytes, bytearray, memoryview)):
+                    size += len(value)
+                else:
+                    size += len(str(value).encode("utf-8"))
+        return size - (2 * sql.count("%s") if isinstance(sql, str) else 0)
+    except Exception:
+        return None
+
+
+# The smallest max_allowed_packet a server accepts: a shorter statement always fits.
+_MIN_MAX_ALLOWED_PACKET = 1024
+
+
+def _too_large(
+    db: Any, found: Disconnect, size: int | None, known_map: int | None
+) -> tuple[int | None, int | None] | None:
+    """``(size, max_allowed_packet)`` when the statement was refused for its size.
+
+    PyMySQL gets 1153 from the server; mysqlclient on libmariadb reports the server's
+    close as 2006, so there the statement's size is compared with the server's limit,
+    read on the new connection if the guard had not read it yet."""
+    if found.kind == "too_large":
+        return size, known_map if known_map is not None else _read_max_allowed_packet(db)
+    # 2006 only: the send failed because the server had closed the connection. (A
+    # timeout or an outage is never 2006 on send, so this never waits on a dead network.)
+    if size is None or size < _MIN_MAX_ALLOWED_PACKET or found.code != 2006:
+        return None
+    limit = known_map if known_map is not None else _read_max_allowed_packet(db)
+    if limit is not None and size > limit:
+        return size, limit
+    return None
+
+
+def _too_large_cause(size: int | None, limit: int | None) -> Cause:
+    sizes = f"{size:,} bytes or more" if size is not None else "size not known"
+    limit_text = f"{limit:,} bytes" if limit is not None else "not known here"
+    return Cause(
+        "too_large",
+        f"the statement ({sizes}) is larger than the server's max_allowed_packet "
+        f"({limit_text}). This is not a lost connection: the server refused the statement "
+        "for its size (it was not applied) and then closed the connection",
+        "Raise max_allowed_packet on the server (SET GLOBAL max_allowed_packet = ..., and "
+        "in its configuration file), or send smaller statements (bulk_create(..., "
+        "batch_size=...), smaller blobs).",
+    )
+
+
+def _failed(
+    db: Any,
+    cursor: Any,
+    exc: BaseException,
+    retry: Callable[[], Any] | None,
+    statement: tuple[Any, Any, bool] | None = None,
+) -> Any:
     """A statement failed. Re-raise, raise ``ConnectionLostInTransaction``, or re-run it.
 
     ``retry`` re-runs the statement; it is given only when running it again could not
-    write anything twice. Called inside the ``except`` block of the wrapper.
+    write anything twice. ``statement`` is ``(sql, params, many)`` when known, for the
+    message only. Called inside the ``except`` block of the wrapper.
     """
     if not _guarded(db) or db.connection is None:
         raise exc
@@ -495,49 +728,91 @@ def _failed(db: Any, cursor: Any, exc: BaseException, retry: Callable[[], Any] |
     idle = -INF  # the statement was in flight: there was no idle period to report
     if cursor is not None:
         _orphan(cursor)
+    cause = _failure_cause(db, found, exc, pymysql=_is_pymysql(db.connection))
+    size = _statement_size(statement)
+    known_map = db._dbk_map
     if _in_transaction(db):
-        _mark_lost(db, found)
-        raise _lost_in_transaction(db, f"error {found.code}: {found.kind}", idle, exc) from exc
-    _mark_lost(db, found)
-    _discard(db, "disconnected", idle)
-    if retry is None or not found.retryable:
-        _add_note(exc, db, found)
+        if found.kind == "too_large" or (
+            size is not None and known_map is not None and size > known_map
+        ):
+            cause = _too_large_cause(size, known_map)
+        _mark_lost(db, found, cause)
+        raise _lost_in_transaction(db, cause, idle, exc) from exc
+    _mark_lost(db, found, cause)
+    _discard(db, "disconnected", idle, cause=cause)
+    too_large = _too_large(db, found, size, known_map)
+    if too_large is not None:
+        _note(exc, db, _too_large_cause(*too_large), rerun="never")
         raise exc
-    db.ensure_connection()
+    if retry is None or not found.retryable:
+        sql = statement[0] if statement is not None else None
+        _note(exc, db, cause, rerun="read" if is_read(sql) else "unknown")
+        raise exc
+    try:
+        db.ensure_connection()
+    except Exception as again:
+        _note(again, db, cause, rerun="reconnect_failed")
+        raise
     if cursor is not None:
         _rebind(cursor, db)
     logger.info(
         "dbkeepalive: re-running a statement on a new %r connection after error %s (%s)",
         db.alias,
         found.code,
-        found.kind,
+        cause.what,
     )
     try:
         result = retry()
     except Exception as again:
         again_found = classify(again)
         if again_found is not None:
-            _mark_lost(db, again_found)
-            _discard(db, "disconnected", 0.0)
+            again_cause = _failure_cause(db, again_found, again, pymysql=_is_pymysql(db.connection))
+            _mark_lost(db, again_found, again_cause)
+            _discard(db, "disconnected", 0.0, cause=again_cause)
+            _note(again, db, again_cause, rerun="failed_again", first=cause)
         raise
     return result
 
 
-def _add_note(exc: BaseException, db: Any, found: Disconnect) -> None:
+def _note(
+    exc: BaseException, db: Any, cause: Cause, *, rerun: str, first: Cause | None = None
+) -> None:
+    """Add what happened and what to do to a driver error that reaches the caller."""
     if not hasattr(exc, "add_note"):
         return
-    if found.kind == "too_large":
+    alias = db.alias
+    if cause.kind == "too_large":
         text = (
-            f"django-dbkeepalive: the statement on {db.alias!r} was larger than the "
-            "server's max_allowed_packet, so the server closed the connection. Raise "
-            "max_allowed_packet or send smaller statements; the next statement reconnects."
+            f"django-dbkeepalive: database {alias!r}: {cause.what}. It was not sent again "
+            f"(it would fail the same way). {cause.advice} The next statement uses a new "
+            "connection."
+        )
+    elif rerun == "reconnect_failed":
+        text = (
+            f"django-dbkeepalive: the connection to database {alias!r} was lost "
+            f"({cause.what}), and connecting again to re-run the statement failed. It "
+            f"was not applied. {explain('unreachable').advice}"
+        )
+    elif rerun == "failed_again" and first is not None:
+        text = (
+            f"django-dbkeepalive: the connection to database {alias!r} was lost "
+            f"({first.what}); the statement was run again once on a new connection, "
+            f"which was lost too: {cause.what}. {cause.advice}"
+        )
+    elif rerun == "read":
+        text = (
+            f"django-dbkeepalive: the connection to database {alias!r} was lost while "
+            f"this statement was in flight: {cause.what}. This read was not run again: "
+            "RETRY_READS is off, or its result depends on the lost session "
+            f"(LAST_INSERT_ID(), user variables, locks). {cause.advice} The next "
+            "statement uses a new connection."
         )
     else:
         text = (
-            f"django-dbkeepalive: the connection {db.alias!r} was lost ({found.kind}, "
-            f"error {found.code}) while this statement was in flight; it was not run "
-            "again because it may have been applied. Check whether it took effect "
-            "before retrying it. The next statement uses a new connection."
+            f"django-dbkeepalive: the connection to database {alias!r} was lost while "
+            f"this statement was in flight: {cause.what}. It was not run again, because "
+            "the server may have applied it: check whether it took effect before "
+            f"retrying it. {cause.advice} The next statement uses a new connection."
         )
     exc.add_note(text)
 
@@ -573,12 +848,14 @@ def _execute_failed(
     # Kept out of the wrappers: a closure over their arguments there would turn them
     # into cell variables, which costs ~1,000 instructions on every statement.
     retry = None
-    if _retry_for(db, exc, sql, read_ok=not many):
+    # An iterator of parameter rows was consumed by the first attempt: never re-run it.
+    rerunnable = not many or isinstance(params, (list, tuple))
+    if rerunnable and _retry_for(db, exc, sql, read_ok=not many):
 
         def retry() -> Any:
             return original(cursor, sql, params)
 
-    return _failed(db, cursor, exc, retry)
+    return _failed(db, cursor, exc, retry, (sql, params, many))
 
 
 def _wrap_execute(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -676,14 +953,11 @@ def _wrap_commit(original: Callable[..., Any]) -> Callable[..., Any]:
             found = classify(exc)
             if found is None or not _guarded(self) or self.connection is None:
                 raise
-            _mark_lost(self, found)
-            what = (
-                "the COMMIT never reached the server"
-                if found.not_sent
-                else "the COMMIT was sent but its reply was lost, so whether it was "
-                "applied is UNKNOWN: check the data before running the work again"
-            )
-            raise _lost_in_transaction(self, what, -INF, exc) from exc
+            cause = _failure_cause(self, found, exc, pymysql=_is_pymysql(self.connection))
+            _mark_lost(self, found, cause)
+            raise _lost_in_transaction(
+                self, cause, -INF, exc, commit_unknown=not found.not_sent
+            ) from exc
 
     commit.__wrapped__ = original  # type: ignore[attr-defined]
     return commit
@@ -717,6 +991,51 @@ def _safe_is_usable(original: Callable[..., Any]) -> Callable[..., Any]:
 
     is_usable.__wrapped__ = original  # type: ignore[attr-defined]
     return is_usable
+
+
+_DJANGO_ERROR_NAMES = (
+    "DataError",
+    "OperationalError",
+    "IntegrityError",
+    "InternalError",
+    "ProgrammingError",
+    "NotSupportedError",
+    "DatabaseError",
+    "InterfaceError",
+    "Error",
+)
+
+
+def _wrap_connect(original: Callable[..., Any]) -> Callable[..., Any]:
+    def connect(self: Any) -> Any:
+        try:
+            return original(self)
+        except Exception as exc:
+            if self.vendor != "mysql" or classify(exc) is None:
+                raise
+            # Django's error wrapper would replace the driver's exception by a new one
+            # (dropping a note): convert it here as Django would, and add the note.
+            for name in _DJANGO_ERROR_NAMES:
+                driver_type = getattr(self.Database, name, None)
+                if driver_type is not None and isinstance(exc, driver_type):
+                    converted: Exception = getattr(db_utils, name)(*exc.args)
+                    break
+            else:
+                raise
+            self.errors_occurred = True
+            previous = self._dbk_why
+            unreachable = explain("unreachable")
+            before = (
+                "" if previous is None else f" Its previous connection was lost: {previous.what}."
+            )
+            converted.add_note(
+                f"django-dbkeepalive: could not connect to database {self.alias!r}: "
+                f"{unreachable.what}.{before} Nothing was sent. {unreachable.advice}"
+            )
+            raise converted.with_traceback(exc.__traceback__) from exc
+
+    connect.__wrapped__ = original  # type: ignore[attr-defined]
+    return connect
 
 
 # ------------------------------------------------------------- explicit checks
@@ -815,6 +1134,11 @@ _PATCHES: list[tuple[Any, str, Callable[[Callable[..., Any]], Callable[..., Any]
     (BaseDatabaseWrapper, "set_autocommit", _wrap_set_autocommit),
     (BaseDatabaseWrapper, "commit", _wrap_commit),
     (BaseDatabaseWrapper, "rollback", _wrap_rollback),
+    (BaseDatabaseWrapper, "connect", _wrap_connect),
+]
+# Patched on the MySQL backend's DatabaseWrapper, when it can be imported.
+_MYSQL_PATCHES: list[tuple[str, Callable[[Callable[..., Any]], Callable[..., Any]]]] = [
+    ("is_usable", _safe_is_usable),
 ]
 
 
@@ -835,10 +1159,10 @@ def install() -> None:
         except Exception:  # no MySQL driver installed: nothing of MySQL to guard
             pass
         else:
-            _originals["mysql.is_usable"] = MySQLWrapper.__dict__["is_usable"]
-            MySQLWrapper.is_usable = _safe_is_usable(  # type: ignore[method-assign]
-                MySQLWrapper.__dict__["is_usable"]
-            )
+            for name, wrap in _MYSQL_PATCHES:
+                original = MySQLWrapper.__dict__[name]
+                _originals[f"mysql.{name}"] = original
+                setattr(MySQLWrapper, name, wrap(original))
         connection_created.connect(_on_connection_created, dispatch_uid="dbkeepalive-guard")
         setting_changed.connect(_on_setting_changed, dispatch_uid="dbkeepalive-settings")
         _installed = True
@@ -856,11 +1180,12 @@ def uninstall() -> None:
             return
         for cls, name, _wrap in _PATCHES:
             setattr(cls, name, _originals.pop(f"{cls.__name__}.{name}"))
-        original = _originals.pop("mysql.is_usable", None)
-        if original is not None:
-            from django.db.backends.mysql.base import DatabaseWrapper as MySQLWrapper
+        for name, _wrap in _MYSQL_PATCHES:
+            original = _originals.pop(f"mysql.{name}", None)
+            if original is not None:
+                from django.db.backends.mysql.base import DatabaseWrapper as MySQLWrapper
 
-            MySQLWrapper.is_usable = original  # type: ignore[method-assign]
+                setattr(MySQLWrapper, name, original)
         connection_created.disconnect(dispatch_uid="dbkeepalive-guard")
         setting_changed.disconnect(dispatch_uid="dbkeepalive-settings")
         for name in _CLASS_DEFAULTS:

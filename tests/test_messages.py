@@ -1,0 +1,239 @@
+"""What an error that reaches user code says after a real fault: the alias, what
+happened, what to do; never SQL parameters or passwords."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from django.db import OperationalError, connection, transaction
+from django.test import override_settings
+
+from django_dbkeepalive import ConnectionLostInTransaction
+from testproject.testapp.models import Item
+
+from .conftest import close_connections
+from .proxy import FaultProxy
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
+
+Raw = Callable[..., list[tuple[Any, ...]]]
+SECRET = "s3cret-parameter-value"
+
+
+def keys(raw: Raw) -> list[str]:
+    return [row[0] for row in raw("SELECT `key` FROM testapp_item ORDER BY id")]
+
+
+def notes(exc: BaseException) -> str:
+    return " ".join(getattr(exc, "__notes__", []))
+
+
+def thread_id() -> int:
+    connection.ensure_connection()
+    return int(connection.connection.thread_id())
+
+
+def no_secrets(text: str, server: Any) -> None:
+    assert SECRET not in text
+    assert server.password not in text and server.root_password not in text
+
+
+def lost_in_transaction(statement: Callable[[], Any], before: Callable[[], Any]) -> str:
+    """Run ``before`` then ``statement`` in an atomic block; return the message raised."""
+    with pytest.raises(ConnectionLostInTransaction) as caught:
+        with transaction.atomic():
+            Item.objects.create(key="first")
+            before()
+            statement()
+    message = str(caught.value)
+    assert "'default'" in message
+    assert "rolled the transaction back" in message and "leave the atomic block" in message
+    return message
+
+
+def test_kill_while_idle_in_a_transaction_names_the_kill(server, raw) -> None:
+    message = lost_in_transaction(
+        lambda: Item.objects.create(key=SECRET),
+        lambda: (server.kill(thread_id()), time.sleep(0.3)),
+    )
+    assert "the server closed the session while it was idle" in message
+    assert "killed (KILL)" in message
+    assert "find out what kills connections" in message
+    no_secrets(message, server)
+    assert keys(raw) == []
+
+
+@override_settings(DBKEEPALIVE={"PEEK_AFTER": 1000})
+def test_kill_while_a_write_is_in_flight_says_it_was_not_rerun(server, raw) -> None:
+    Item.objects.count()
+    with connection.cursor() as cursor:
+        victim = thread_id()
+        import threading
+
+        killer = threading.Timer(0.3, server.kill, (victim,))
+        killer.start()
+        try:
+            with pytest.raises(OperationalError) as caught:
+                cursor.execute(
+                    "INSERT INTO testapp_item (`key`, value, created) SELECT %s, SLEEP(2), NOW()",
+                    [SECRET],
+                )
+        finally:
+            killer.join()
+    text = notes(caught.value)
+    assert "'default'" in text
+    assert "while this statement was in flight" in text and "KILL" in text
+    assert "not run again" in text and "check whether it took effect" in text
+    no_secrets(text, server)
+    Item.objects.create(key="next")
+    assert keys(raw) == ["next"]
+
+
+def test_idle_past_wait_timeout_in_a_transaction(set_wait_timeout, raw, server) -> None:
+    set_wait_timeout(2)
+    Item.objects.count()
+    time.sleep(0.3)
+    Item.objects.count()  # the guard reads the session's wait_timeout on this pause
+    assert connection._dbk_wait == 2
+    message = lost_in_transaction(lambda: Item.objects.create(key="second"), lambda: time.sleep(3))
+    assert "idle 3." in message and "longer than the server's wait_timeout (2s)" in message
+    assert "outside transaction.atomic()" in message
+    assert keys(raw) == []
+
+
+def test_idle_before_wait_timeout_is_known_mentions_both_causes(set_wait_timeout, raw) -> None:
+    set_wait_timeout(2)
+    message = lost_in_transaction(lambda: Item.objects.create(key="second"), lambda: time.sleep(3))
+    # MariaDB resets a connection it closes for inactivity; a proxy would too.
+    assert (
+        "the connection was reset after it sat idle 3.0s: by the server if its wait_timeout"
+        in message
+    )
+    assert "otherwise by a proxy, load balancer or firewall" in message
+
+
+@pytest.mark.restart
+def test_restart_while_idle_in_a_transaction(server, raw) -> None:
+    message = lost_in_transaction(lambda: Item.objects.create(key="second"), server.restart)
+    assert "the server shut down or restarted" in message
+    assert keys(raw) == []
+
+
+@pytest.mark.restart
+def test_server_down_says_it_cannot_be_reached_and_what_was_lost(server, raw) -> None:
+    Item.objects.create(key="a")
+    server.stop()
+    try:
+        time.sleep(0.2)
+        with pytest.raises(OperationalError) as caught:
+            Item.objects.create(key="b")
+        text = notes(caught.value)
+        assert caught.value.args[0] in (2002, 2003, 2013)
+        assert "could not connect to database 'default'" in text
+        assert "down or restarting" in text
+        assert "Its previous connection was lost" in text and "restarted" in text
+        assert "Nothing was sent" in text and "Retry once the server is back" in text
+        no_secrets(text, server)
+    finally:
+        server.start_again()
+    Item.objects.create(key="c")
+    assert keys(raw) == ["a", "c"]
+
+
+@override_settings(DBKEEPALIVE={"WAIT_TIMEOUT": 100})
+def test_proxy_reset_while_idle_in_a_transaction(via_proxy: FaultProxy, raw) -> None:
+    message = lost_in_transaction(
+        lambda: Item.objects.create(key="second"),
+        lambda: (via_proxy.reset_all(), time.sleep(0.3)),
+    )
+    assert "the network connection was reset" in message
+    assert "idle 0.3s; the guard's idle limit is 95.0s, the server's wait_timeout 100s" in message
+    assert "proxy, load balancer, firewall" in message
+    assert keys(raw) == []
+
+
+def test_read_timeout_in_a_transaction(via_proxy: FaultProxy, db_options, raw) -> None:
+    db_options(read_timeout=2)
+    message = lost_in_transaction(lambda: Item.objects.create(key="second"), via_proxy.blackhole)
+    assert "no reply within the client's read_timeout (2s)" in message
+    assert "a statement was in flight" in message
+    assert keys(raw) == []
+
+
+@pytest.fixture
+def small_max_allowed_packet(server) -> Iterator[int]:
+    """The server's max_allowed_packet lowered to 64 KiB for new connections."""
+    old = server.get_global("max_allowed_packet")
+    server.set_global("max_allowed_packet", 65536)
+    close_connections()
+    try:
+        yield 65536
+    finally:
+        server.set_global("max_allowed_packet", old)
+        close_connections()
+
+
+def test_too_large_statement_is_not_called_a_lost_connection(
+    small_max_allowed_packet, server, raw
+) -> None:
+    Item.objects.create(key="a")
+    big = SECRET + "x" * 200_000
+    with connection.cursor() as cursor, pytest.raises(OperationalError) as caught:
+        cursor.execute(
+            "INSERT INTO testapp_item (`key`, value, created) VALUES (%s, LENGTH(%s), NOW())",
+            ["b", big],
+        )
+    text = notes(caught.value)
+    assert "This is not a lost connection" in text
+    assert "max_allowed_packet (65,536 bytes)" in text
+    assert "200," in text  # the statement's size in bytes
+    assert "It was not sent again" in text
+    no_secrets(text, server)
+    assert keys(raw) == ["a"]
+    Item.objects.create(key="c")  # the next statement reconnects
+    assert keys(raw) == ["a", "c"]
+
+
+def test_too_large_statement_in_a_transaction(small_max_allowed_packet, server, raw) -> None:
+    Item.objects.count()
+    time.sleep(0.3)
+    Item.objects.count()  # the guard reads wait_timeout and max_allowed_packet here
+    assert connection._dbk_map == 65536
+    message = lost_in_transaction(
+        lambda: connection.cursor().execute("SELECT LENGTH(%s)", [SECRET * 10_000]),
+        lambda: None,
+    )
+    assert "larger than the server's max_allowed_packet (65,536 bytes)" in message
+    no_secrets(message, server)
+    assert keys(raw) == []
+
+
+@pytest.mark.parametrize(
+    "exc, evidence",
+    [
+        (TimeoutError("timed out"), "timeout"),
+        (ConnectionResetError(104, "Connection reset by peer"), "reset"),
+        (
+            OperationalError(2013, "Lost connection to MySQL server during query (timed out)"),
+            "timeout",
+        ),
+        (
+            OperationalError(
+                2013,
+                "Lost connection to MySQL server during query "
+                "([Errno 104] Connection reset by peer)",
+            ),
+            "reset",
+        ),
+        (OperationalError(2013, "Lost connection to server during query"), None),
+    ],
+)
+def test_network_evidence_refines_the_wording_only(
+    exc: BaseException, evidence: str | None
+) -> None:
+    from django_dbkeepalive.errors import network_evidence
+
+    assert network_evidence(exc) == evidence

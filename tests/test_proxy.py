@@ -1,0 +1,195 @@
+"""The guard against network faults, through a TCP proxy that resets, cuts and
+blackholes the connection between Django and the private server (tests/proxy.py)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from django.db import OperationalError, connection, transaction
+from django.test import override_settings
+
+from django_dbkeepalive import ConnectionLostInTransaction
+from django_dbkeepalive.signals import connection_recycled
+from testproject.testapp.models import Item
+
+from .proxy import FaultProxy
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(30)]
+
+Raw = Callable[..., list[tuple[Any, ...]]]
+
+
+def keys(raw: Raw) -> list[str]:
+    return [row[0] for row in raw("SELECT `key` FROM testapp_item ORDER BY id")]
+
+
+def notes(exc: BaseException) -> str:
+    return " ".join(getattr(exc, "__notes__", []))
+
+
+@pytest.fixture
+def recycles() -> Iterator[list[str]]:
+    """The reasons of every ``connection_recycled`` signal sent during the test."""
+    seen: list[str] = []
+
+    def receiver(sender: str, reason: str, **kwargs: Any) -> None:
+        seen.append(reason)
+
+    connection_recycled.connect(receiver)
+    yield seen
+    connection_recycled.disconnect(receiver)
+
+
+def test_queries_go_through_the_proxy(via_proxy: FaultProxy, server) -> None:
+    assert Item.objects.count() == 0
+    [flow] = via_proxy.open_flows()
+    assert flow.bytes_up > 0 and flow.bytes_down > 0
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT @@port")
+        assert cursor.fetchone() == (server.port,)
+
+
+def test_latency_delays_every_round_trip(via_proxy: FaultProxy) -> None:
+    Item.objects.count()
+    via_proxy.set_latency(0.1)
+    start = time.monotonic()
+    Item.objects.count()
+    assert time.monotonic() - start >= 0.2  # the query and its reply, 0.1 s each
+
+
+def test_reset_then_read_and_write_succeed(via_proxy: FaultProxy, raw: Raw, recycles) -> None:
+    Item.objects.create(key="a")
+    assert via_proxy.reset_all() == 1
+    time.sleep(0.2)  # past PEEK_AFTER: the guard sees the reset before sending
+    assert Item.objects.count() == 1
+    assert via_proxy.reset_all() == 1
+    time.sleep(0.2)
+    Item.objects.create(key="b")
+    assert keys(raw) == ["a", "b"]
+    assert recycles == ["disconnected", "disconnected"]
+
+
+def test_reset_right_before_a_statement_it_still_succeeds_once(
+    via_proxy: FaultProxy, raw: Raw
+) -> None:
+    Item.objects.create(key="a")
+    via_proxy.reset_all()
+    # Within PEEK_AFTER: sent on the reset socket, which fails before anything left
+    # (2006), so even a write is sent again.
+    Item.objects.create(key="b")
+    via_proxy.reset_all()
+    assert Item.objects.count() == 2
+    assert keys(raw) == ["a", "b"]
+
+
+@override_settings(DBKEEPALIVE={"WAIT_TIMEOUT": 100})
+def test_cut_after_an_insert_saves_it_once_and_reports_it_not_rerun(
+    via_proxy: FaultProxy, raw: Raw
+) -> None:
+    Item.objects.count()
+    via_proxy.cut_after_next_client_write()
+    with pytest.raises(OperationalError) as caught:
+        Item.objects.create(key="cut")
+    assert via_proxy.wait_cut()
+    assert caught.value.args[0] == 2013
+    text = notes(caught.value)
+    assert "'default'" in text and "not run again" in text and "in flight" in text
+    assert keys(raw) == ["cut"]  # the server committed it: the client never heard
+    Item.objects.create(key="next")  # a new flow
+    assert keys(raw) == ["cut", "next"]  # and the cut INSERT was never sent twice
+    assert len(via_proxy.flows) == 2
+
+
+@override_settings(DBKEEPALIVE={"WAIT_TIMEOUT": 100})
+def test_cut_inside_atomic_raises_and_commits_nothing(via_proxy: FaultProxy, raw: Raw) -> None:
+    Item.objects.count()
+    with pytest.raises(ConnectionLostInTransaction) as caught:
+        with transaction.atomic():
+            Item.objects.create(key="first")
+            via_proxy.cut_after_next_client_write()
+            Item.objects.create(key="second")
+    assert via_proxy.wait_cut()
+    assert caught.value.alias == "default"
+    assert "rolled the transaction back" in str(caught.value)
+    assert keys(raw) == []  # no partial commit: the server rolled both back
+    Item.objects.create(key="after")
+    assert keys(raw) == ["after"]
+
+
+@override_settings(DBKEEPALIVE={"WAIT_TIMEOUT": 2})
+def test_blackhole_after_idle_past_the_limit_reconnects_without_touching_the_flow(
+    via_proxy: FaultProxy, recycles
+) -> None:
+    Item.objects.count()
+    assert connection._dbk_limit == 1.0  # WAIT_TIMEOUT 2 minus the margin (capped at half)
+    [flow] = via_proxy.open_flows()
+    assert via_proxy.blackhole() == 1
+    time.sleep(1.3)  # past the limit; the server has not closed anything
+    start = time.monotonic()
+    assert Item.objects.count() == 0
+    assert time.monotonic() - start < 1.0
+    assert recycles == ["idle"]
+    # Not a byte was sent on the dead flow (no ping, no COM_QUIT): the guard dropped it
+    # on the kernel's count of the proxy's silence (TCP_INFO), then opened a new flow.
+    assert flow.mode == "blackhole" and flow.dropped_up == 0
+    assert len(via_proxy.flows) == 2
+
+
+def test_blackhole_of_an_active_flow_fails_a_write_within_read_timeout(
+    via_proxy: FaultProxy, db_options, raw: Raw
+) -> None:
+    db_options(read_timeout=2)
+    Item.objects.create(key="a")
+    via_proxy.blackhole()
+    start = time.monotonic()
+    with pytest.raises(OperationalError) as caught:
+        Item.objects.create(key="b")
+    elapsed = time.monotonic() - start
+    assert 1.5 < elapsed < 4.0, elapsed
+    assert caught.value.args[0] == 2013
+    text = notes(caught.value)
+    assert "no reply within the client's read_timeout (2s)" in text
+    assert "not run again" in text
+    Item.objects.create(key="c")  # a new flow
+    assert keys(raw) == ["a", "c"]  # "b" never got past the blackhole
+
+
+def test_blackhole_of_an_active_flow_reruns_a_read_on_a_new_flow(
+    via_proxy: FaultProxy, db_options
+) -> None:
+    db_options(read_timeout=2)
+    Item.objects.create(key="a")
+    via_proxy.blackhole()
+    start = time.monotonic()
+    assert Item.objects.count() == 1
+    assert 1.5 < time.monotonic() - start < 4.0
+    assert len(via_proxy.flows) == 2
+
+
+@override_settings(DBKEEPALIVE={"WAIT_TIMEOUT": 100})
+def test_cut_after_a_commit_says_its_outcome_is_unknown(via_proxy: FaultProxy, raw: Raw) -> None:
+    Item.objects.count()
+    with pytest.raises(ConnectionLostInTransaction) as caught:
+        with transaction.atomic():
+            Item.objects.create(key="committed")
+            via_proxy.cut_after_next_client_write()  # the next write is the COMMIT
+    assert via_proxy.wait_cut()
+    message = str(caught.value)
+    assert "The COMMIT was sent but its reply was lost" in message
+    assert "UNKNOWN: check the data" in message
+    assert "rolled the transaction back" not in message
+    assert keys(raw) == ["committed"]  # here it was applied, and never sent twice
+    Item.objects.create(key="after")
+    assert keys(raw) == ["committed", "after"]
+
+
+@override_settings(DBKEEPALIVE={"WAIT_TIMEOUT": 100})
+def test_cut_after_a_read_reruns_it_on_a_new_flow(via_proxy: FaultProxy) -> None:
+    Item.objects.create(key="a")
+    via_proxy.cut_after_next_client_write()
+    assert list(Item.objects.values_list("key", flat=True)) == ["a"]
+    assert via_proxy.wait_cut()
+    assert len(via_proxy.flows) == 2
