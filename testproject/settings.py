@@ -1,6 +1,7 @@
 """Settings for the test project; the database comes from ``DBK_*`` environment variables.
 
 DBK_DB_HOST, DBK_DB_PORT, DBK_DB_USER, DBK_DB_PASSWORD, DBK_DB_NAME: the server.
+DBK_DB_READER_USER, DBK_DB_READER_PASSWORD: the "reader" alias's user (default: the same).
 DBK_DRIVER: ``mysqlclient`` (default) or ``pymysql``.
 DBK_APP: ``1`` (default) installs django_dbkeepalive, ``0`` shows plain Django.
 DBK_CONN_MAX_AGE: seconds, or ``None`` for unlimited persistent connections (default 0).
@@ -65,8 +66,32 @@ DATABASES = {
         },
         # CHARSET: MariaDB's default server charset is latin1.
         "TEST": {"NAME": "test_dbkeepalive", "CHARSET": "utf8mb4"},
-    }
+    },
+    # The same database through a second, read-only user with its own client options
+    # (tests of several aliases). In tests it mirrors default's test database.
+    "reader": {
+        "ENGINE": "django.db.backends.mysql",
+        "HOST": os.environ.get("DBK_DB_HOST", "127.0.0.1"),
+        "PORT": int(os.environ.get("DBK_DB_PORT", "3306")),
+        "USER": os.environ.get("DBK_DB_READER_USER") or os.environ.get("DBK_DB_USER", "root"),
+        "PASSWORD": (
+            os.environ.get("DBK_DB_READER_PASSWORD") or os.environ.get("DBK_DB_PASSWORD", "")
+        ),
+        "NAME": os.environ.get("DBK_DB_NAME", "dbkeepalive"),
+        "CONN_MAX_AGE": _conn_max_age(),
+        "OPTIONS": {
+            "charset": "utf8mb4",
+            "connect_timeout": 3,
+            "read_timeout": 20,
+            "write_timeout": 20,
+            "isolation_level": "read committed",
+        },
+        "TEST": {"MIRROR": "default"},
+    },
 }
+
+# Per-alias guard settings: the reader gets its own margin.
+DBKEEPALIVE = {"DATABASES": {"reader": {"MARGIN": 2.0}}}
 
 # Celery (testproject/celery.py): the tests start a private redis-server and pass it in
 # DBK_CELERY_BROKER; without it the broker is in-memory and nothing connects anywhere.

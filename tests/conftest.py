@@ -71,6 +71,8 @@ def django_db_modify_db_settings(
             USER=mariadb.user,
             PASSWORD=mariadb.password,
         )
+        if alias == "reader":  # the same database through a second, read-only user
+            conf.update(USER=mariadb.reader_user, PASSWORD=mariadb.reader_password)
         if alias == "default":
             test_name = (conf.get("TEST") or {}).get("NAME") or f"test_{conf['NAME']}"
             # Subprocesses (testproject/manage.py, servers) inherit these and use the test DB.
@@ -79,6 +81,8 @@ def django_db_modify_db_settings(
                 DBK_DB_PORT=str(mariadb.port),
                 DBK_DB_USER=mariadb.user,
                 DBK_DB_PASSWORD=mariadb.password,
+                DBK_DB_READER_USER=mariadb.reader_user,
+                DBK_DB_READER_PASSWORD=mariadb.reader_password,
                 DBK_DB_NAME=test_name,
             )
 

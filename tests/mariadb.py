@@ -110,9 +110,14 @@ class MariaDBServer:
         if external is not None:
             self.user, self.password, self.host, self.port = parse_server_url(external)
             self.admin_user, self.root_password = self.user, self.password
+            # No users are created on an external server: the reader alias shares the user.
+            self.reader_user, self.reader_password = self.user, self.password
         else:
             self.user = "dbk"
             self.password = secrets.token_urlsafe(16)
+            # A second, read-only user for the "reader" alias (tests of several aliases).
+            self.reader_user = "dbk_reader"
+            self.reader_password = secrets.token_urlsafe(16)
             self.host, self.port = "127.0.0.1", 0
             self.admin_user, self.root_password = "root", secrets.token_urlsafe(16)
 
@@ -319,6 +324,11 @@ class MariaDBServer:
                     cur.execute(
                         "GRANT ALL PRIVILEGES ON *.* TO %s@%s", (self.user, host)
                     )
+                    cur.execute(
+                        "CREATE USER %s@%s IDENTIFIED BY %s",
+                        (self.reader_user, host, self.reader_password),
+                    )
+                    cur.execute("GRANT SELECT ON *.* TO %s@%s", (self.reader_user, host))
                 # The database testproject's settings name by default (tests use test_dbkeepalive).
                 cur.execute("CREATE DATABASE IF NOT EXISTS dbkeepalive")
         finally:

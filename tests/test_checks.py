@@ -392,7 +392,7 @@ def test_manage_py_check_database_shows_the_warnings_and_does_not_fail(
 
 def test_split_aliases_filters_by_vendor():
     with other_vendor_alias() as other, down_alias() as down:
-        assert checks.split_aliases() == (["default", down], [other])
+        assert checks.split_aliases() == (["default", "reader", down], [other])
         assert checks.split_aliases([other, "default", "nope"]) == (["default"], [other])
 
 
@@ -489,8 +489,9 @@ def test_auto_guard_off_without_middleware_warns():
 
     with override_settings(DBKEEPALIVE={"AUTO_GUARD": False}):
         found = ours()
-    assert ids(found) == ["dbkeepalive.W008"]
+    assert ids(found) == ["dbkeepalive.W008", "dbkeepalive.W008"]  # default and reader
     assert "DBKEEPALIVE['AUTO_GUARD'] is False for database 'default'" in found[0].msg
+    assert "DBKEEPALIVE['AUTO_GUARD'] is False for database 'reader'" in found[1].msg
     value = {"DATABASES": {"default": {"AUTO_GUARD": False}}}
     with override_settings(DBKEEPALIVE=value):
         found = ours()

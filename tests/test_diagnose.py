@@ -22,7 +22,8 @@ from django_dbkeepalive.diagnose import SCHEMA_VERSION, diagnose
 
 from .test_checks import down_alias, extra_alias, other_vendor_alias
 
-pytestmark = pytest.mark.django_db(transaction=True)
+# The command looks at every alias, the reader included.
+pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "reader"])
 
 SQLITE = {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:", "OPTIONS": {}}
 
@@ -127,7 +128,7 @@ def test_unknown_database_is_a_clear_command_error():
         run("--database", "nope")
     message = str(caught.value)
     assert "Unknown database alias 'nope'" in message
-    assert "Configured aliases: default." in message
+    assert "Configured aliases: default, reader." in message
 
 
 def test_database_option_is_repeatable_and_limits_the_aliases(server):
@@ -148,7 +149,8 @@ def test_json_document_has_the_documented_schema(driver, server):
     assert doc["schema_version"] == SCHEMA_VERSION == 1
     assert doc["status"] == "ok" and doc["exit_code"] == 0
     assert doc["issues"] == []
-    [db] = doc["databases"]
+    db, reader = doc["databases"]
+    assert reader["alias"] == "reader" and reader["verdict"] == "ok"
     assert set(db) == {
         "alias", "engine", "vendor", "mysql", "note", "host", "port", "socket", "user",
         "name", "driver", "server", "client", "django", "guard", "issues", "verdict",
@@ -215,7 +217,8 @@ def test_a_problem_exits_1_with_the_same_ids_as_manage_py_check(
     assert result.code == 1
     doc = result.json
     assert doc["status"] == "problem" and doc["exit_code"] == 1
-    [db] = doc["databases"]
+    db, reader = doc["databases"]
+    assert reader["verdict"] == "ok"  # the problems are default's
     assert db["verdict"] == "problem"
     expected = sorted(m.id for m in run_checks(tags=[TAG], databases=["default"]))
     assert sorted(i["id"] for i in db["issues"]) == expected
