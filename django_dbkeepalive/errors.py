@@ -169,6 +169,7 @@ _ADVICE = {
     "lost": "Check the server's error log and the network path if it happens again.",
     "gone": "Check the server's error log and the network path if it happens again.",
     "network": "Check the network path between the application and the server.",
+    "dead_peer": "Check the network path between the application and the server.",
     "aborted": "Check the server's error log (aborted connections).",
     "interrupted": "Open a new connection (the next statement outside a transaction does).",
     "fork": "Open transactions in the process that uses them; fork outside atomic blocks.",
@@ -237,6 +238,9 @@ def explain(
             "KILL, a restart, or a network reset)"
         ),
         "network": "a network error between the client and the server",
+        "dead_peer": (
+            "the network path to the server is dead: TCP keepalive probes went unanswered"
+        ),
         "aborted": "the server aborted the connection",
         "interrupted": (
             "a statement was interrupted (e.g. Ctrl-C) while in flight, so the "

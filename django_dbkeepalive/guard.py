@@ -214,7 +214,8 @@ def _kernel_idle(db: Any) -> float | None:
 def _peek_why(db: Any) -> str:
     """What made an idle connection's socket readable, without consuming anything
     the driver could need: ``"eof"`` (the server closed it: KILL, shutdown),
-    ``"reset"`` (an RST: MariaDB's wait_timeout close, or the network), ``"error:CODE"``
+    ``"reset"`` (an RST: MariaDB's wait_timeout close, or the network), ``"dead_peer"``
+    (the kernel gave up on unanswered TCP keepalive probes), ``"error:CODE"``
     (an unsolicited error packet, e.g. 4031) or ``"unknown"``. One ``recv(MSG_PEEK)``;
     only called once the connection is known to be dead."""
     fd = _verified_fd(db)
@@ -226,6 +227,8 @@ def _peek_why(db: Any) -> str:
                 head = sock.recv(7, socket.MSG_PEEK | socket.MSG_DONTWAIT)
             except ConnectionResetError:
                 return "reset"
+            except TimeoutError:  # ETIMEDOUT: TCP keepalive probes went unanswered
+                return "dead_peer"
             except OSError:
                 return "unknown"
     except OSError:
@@ -604,7 +607,7 @@ def _closed_while_idle(db: Any, idle: float) -> Cause:
     elif wait is not None and idle >= wait:
         kind = "idle_timeout"
     else:
-        kind = {"eof": "closed", "reset": "reset"}.get(why, "gone")
+        kind = {"eof": "closed", "reset": "reset", "dead_peer": "dead_peer"}.get(why, "gone")
     return explain(kind, idle=idle, wait=wait)
 
 
@@ -715,8 +718,8 @@ def _failed(
     write anything twice. ``statement`` is ``(sql, params, many)`` when known, for the
     message only. Called inside the ``except`` block of the wrapper.
     """
-    if not _guarded(db) or db.connection is None:
-        raise exc
+    if not _guarded(db) or db.connection is None or db.connection is not db._dbk_conn:
+        raise exc  # not ours, or being set up right now (connect() handles that)
     if not isinstance(exc, Exception):
         # Interrupted mid-statement (Ctrl-C): the protocol state is unknown.
         if db.vendor == "mysql":
@@ -924,6 +927,12 @@ def _wrap_set_autocommit(original: Callable[..., Any]) -> Callable[..., Any]:
     def set_autocommit(
         self: Any, autocommit: bool, force_begin_transaction_with_broken_autocommit: bool = False
     ) -> Any:
+        if autocommit and self._dbk_manual and self.connection is self._dbk_conn:
+            # Back to autocommit (the end of an atomic block, or the code's own call):
+            # a connection lost in the manual transaction must not reopen in manual
+            # mode, even if this call fails to reconnect. (Django's connect() calls
+            # this too, on a connection not ours yet: that one is left alone.)
+            self._dbk_manual = False
         if _now() > self._dbk_due:
             _before(self)
         entering = not autocommit and not _in_transaction(self)
@@ -1006,33 +1015,91 @@ _DJANGO_ERROR_NAMES = (
 )
 
 
+def _drop_half_open(db: Any) -> None:
+    """Forget a connection whose setup failed (Django sets ``db.connection`` before it
+    sends ``SET autocommit`` and its session setup): left in place, every later
+    statement of this thread would use the dead session, and outside requests nothing
+    repairs it (measured in the soak run: an APScheduler thread failed every run)."""
+    conn = db.connection
+    db.connection = None
+    with contextlib.suppress(Exception):
+        conn.close()
+
+
+def _connect_error(db: Any, exc: Exception, found: Disconnect) -> Exception | None:
+    """``exc`` as the Django error the caller will see, with a note; ``None`` when it
+    is not one the guard can convert."""
+    if isinstance(exc, db_utils.Error):
+        error: Exception = exc  # raised by Django's own error wrapper during setup
+    else:
+        # Django's wrapper around connect() would replace the driver's exception by a
+        # new one (dropping a note): convert it here as Django would.
+        for name in _DJANGO_ERROR_NAMES:
+            driver_type = getattr(db.Database, name, None)
+            if driver_type is not None and isinstance(exc, driver_type):
+                error = getattr(db_utils, name)(*exc.args)
+                break
+        else:
+            return None
+    db.errors_occurred = True
+    previous = db._dbk_why
+    before = "" if previous is None else f" Its previous connection was lost: {previous.what}."
+    if found.kind == "unreachable":
+        unreachable = explain("unreachable")
+        error.add_note(
+            f"django-dbkeepalive: could not connect to database {db.alias!r}: "
+            f"{unreachable.what}.{before} Nothing was sent. {unreachable.advice}"
+        )
+    else:
+        cause = _failure_cause(db, found, exc, pymysql=False)
+        error.add_note(
+            f"django-dbkeepalive: a new connection to database {db.alias!r} was lost twice "
+            "while it was being opened and set up, before any statement of yours was sent: "
+            f"{cause.what} (behind a proxy or load balancer, a server that is down or "
+            f"restarting looks like this too).{before} Nothing was sent. {_RETRY_LATER}"
+        )
+    return error
+
+
+_RETRY_LATER = "Retry in a moment; the next statement connects again by itself."
+
+
 def _wrap_connect(original: Callable[..., Any]) -> Callable[..., Any]:
     def connect(self: Any) -> Any:
         try:
             return original(self)
         except Exception as exc:
-            if self.vendor != "mysql" or classify(exc) is None:
+            if self.connection is not None:
+                _drop_half_open(self)
+            found = classify(exc)
+            if self.vendor != "mysql" or found is None:
                 raise
-            # Django's error wrapper would replace the driver's exception by a new one
-            # (dropping a note): convert it here as Django would, and add the note.
-            for name in _DJANGO_ERROR_NAMES:
-                driver_type = getattr(self.Database, name, None)
-                if driver_type is not None and isinstance(exc, driver_type):
-                    converted: Exception = getattr(db_utils, name)(*exc.args)
-                    break
-            else:
+            if found.kind == "unreachable":
+                error = _connect_error(self, exc, found)
+                if error is None or error is exc:
+                    raise
+                raise error.with_traceback(exc.__traceback__) from exc
+            logger.info(
+                "dbkeepalive: a new %r connection was lost while being set up (error %s); "
+                "connecting again (nothing of the caller's was sent)",
+                self.alias,
+                found.code,
+            )
+        # The server accepted the connection, then the session died during the login or
+        # Django's setup statements (a KILL, a reset): nothing of the caller's was sent,
+        # so connecting once more is safe.
+        try:
+            return original(self)
+        except Exception as exc:
+            if self.connection is not None:
+                _drop_half_open(self)
+            found = classify(exc)
+            if self.vendor != "mysql" or found is None:
                 raise
-            self.errors_occurred = True
-            previous = self._dbk_why
-            unreachable = explain("unreachable")
-            before = (
-                "" if previous is None else f" Its previous connection was lost: {previous.what}."
-            )
-            converted.add_note(
-                f"django-dbkeepalive: could not connect to database {self.alias!r}: "
-                f"{unreachable.what}.{before} Nothing was sent. {unreachable.advice}"
-            )
-            raise converted.with_traceback(exc.__traceback__) from exc
+            error = _connect_error(self, exc, found)
+            if error is None or error is exc:
+                raise
+            raise error.with_traceback(exc.__traceback__) from exc
 
     connect.__wrapped__ = original  # type: ignore[attr-defined]
     return connect

@@ -93,6 +93,8 @@ class FaultProxy:
         self.refused = 0  # clients reset because the server could not be reached
         self._ids = itertools.count(1)
         self._cut_armed = False
+        self._cut_skip = 0
+        self._cut_again = (0, 0)  # (cuts left to arm after this one, their skip)
         self._selector = selectors.DefaultSelector()
         self._listener: socket.socket | None = None
         self._wake_r, self._wake_w = socket.socketpair()
@@ -140,9 +142,18 @@ class FaultProxy:
         """Reset every open flow (RST to both sides); returns how many."""
         return int(self._call(self._reset_all))
 
-    def cut_after_next_client_write(self) -> None:
-        """Arm the one-shot cut described in the module docstring."""
-        self._call(lambda: setattr(self, "_cut_armed", True))
+    def cut_after_next_client_write(self, skip: int = 0, times: int = 1) -> None:
+        """Arm the one-shot cut described in the module docstring. ``skip``: forward
+        this many client chunks first (``skip=1`` on a new flow passes the handshake's
+        login packet and cuts the client's first statement). ``times``: arm it again
+        (with the same ``skip``) after each cut, this many cuts in all."""
+
+        def arm() -> None:
+            self._cut_armed = True
+            self._cut_skip = skip
+            self._cut_again = (times - 1, skip)
+
+        self._call(arm)
 
     def disarm(self) -> None:
         """Cancel an armed cut that has not happened yet."""
@@ -326,8 +337,13 @@ class FaultProxy:
             return
         due = time.monotonic() + self.latency
         if from_client:
-            if self._cut_armed:
-                self._cut_armed = False
+            if self._cut_armed and self._cut_skip > 0:
+                self._cut_skip -= 1
+            elif self._cut_armed:
+                again, skip = self._cut_again
+                self._cut_armed = again > 0
+                self._cut_skip = skip
+                self._cut_again = (again - 1, skip)
                 flow.mode = "cut"
                 flow.cut_chunk_left = len(data)
                 flow.to_client.clear()  # nothing more reaches the client

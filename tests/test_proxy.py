@@ -193,3 +193,48 @@ def test_cut_after_a_read_reruns_it_on_a_new_flow(via_proxy: FaultProxy) -> None
     assert list(Item.objects.values_list("key", flat=True)) == ["a"]
     assert via_proxy.wait_cut()
     assert len(via_proxy.flows) == 2
+
+
+@override_settings(DBKEEPALIVE={"WAIT_TIMEOUT": 100, "PING_AFTER": 0.5})
+def test_blackhole_below_the_limit_is_caught_by_the_ping_within_read_timeout(
+    via_proxy: FaultProxy, db_options, raw: Raw, recycles
+) -> None:
+    db_options(read_timeout=2)
+    Item.objects.create(key="a")
+    via_proxy.blackhole()
+    time.sleep(0.7)  # past PING_AFTER, far below the limit
+    start = time.monotonic()
+    Item.objects.create(key="b")  # the ping times out; the write goes to a new flow
+    assert 1.5 < time.monotonic() - start < 4.0
+    assert recycles == ["ping_failed"]
+    assert keys(raw) == ["a", "b"]
+
+
+@override_settings(DBKEEPALIVE={"WAIT_TIMEOUT": 100})
+def test_a_connection_lost_while_django_sets_it_up_is_replaced(
+    via_proxy: FaultProxy, raw: Raw
+) -> None:
+    # The new flow's login passes; its first statement (Django's session setup) is cut.
+    # Plain Django would keep the dead half-open connection for every later statement.
+    via_proxy.cut_after_next_client_write(skip=1)
+    Item.objects.create(key="a")
+    assert via_proxy.wait_cut()
+    assert len(via_proxy.flows) == 2
+    assert keys(raw) == ["a"]
+    Item.objects.create(key="b")
+    assert keys(raw) == ["a", "b"]
+
+
+@override_settings(DBKEEPALIVE={"WAIT_TIMEOUT": 100})
+def test_a_connection_lost_twice_while_being_set_up_says_so(
+    via_proxy: FaultProxy, raw: Raw
+) -> None:
+    via_proxy.cut_after_next_client_write(skip=1, times=2)
+    with pytest.raises(OperationalError) as caught:
+        Item.objects.create(key="a")
+    assert via_proxy.wait_cut(2)
+    text = notes(caught.value)
+    assert "a new connection to database 'default' was lost twice" in text
+    assert "before any statement of yours was sent" in text
+    Item.objects.create(key="b")  # nothing half-open was left behind
+    assert keys(raw) == ["b"]
