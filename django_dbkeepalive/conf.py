@@ -25,6 +25,8 @@ DEFAULTS: dict[str, Any] = {
     "PEEK_AFTER": 0.1,
     "PING_AFTER": 60.0,
     "RETRY_READS": True,
+    "CLIENT_TIMEOUTS": None,
+    "TCP_KEEPALIVE": None,
 }
 #: Keys allowed only at the top level.
 TOP_LEVEL_ONLY = ("DATABASES",)
@@ -36,6 +38,14 @@ E_UNKNOWN_KEY = "dbkeepalive.E002"
 E_INVALID_VALUE = "dbkeepalive.E003"
 E_UNKNOWN_ALIAS = "dbkeepalive.E004"
 
+#: The client timeouts ``CLIENT_TIMEOUTS = True`` adds where ``OPTIONS`` has none (seconds).
+RECOMMENDED_TIMEOUTS: dict[str, int] = {
+    "connect_timeout": 10,
+    "read_timeout": 300,
+    "write_timeout": 300,
+}
+TIMEOUT_NAMES = tuple(RECOMMENDED_TIMEOUTS)
+
 _ALLOWED = {
     "AUTO_GUARD": "True or False",
     "MARGIN": "a number of seconds >= 0",
@@ -43,6 +53,12 @@ _ALLOWED = {
     "PEEK_AFTER": "a number of seconds >= 0",
     "PING_AFTER": "None (never ping) or a number of seconds >= 0",
     "RETRY_READS": "True or False",
+    "CLIENT_TIMEOUTS": (
+        "None or False (leave the driver's timeouts alone), True (the recommended "
+        "values), or a dict of 'connect_timeout', 'read_timeout', 'write_timeout' "
+        "to whole seconds > 0"
+    ),
+    "TCP_KEEPALIVE": "None or False (off), or whole seconds > 0 of idle before TCP probes",
     "DATABASES": "a dict mapping database aliases to dicts of the keys above",
 }
 
@@ -68,15 +84,35 @@ class AliasSettings:
     peek_after: float
     ping_after: float | None
     retry_reads: bool
+    #: connect/read/write timeouts to add to the driver's parameters where OPTIONS has none.
+    client_timeouts: Mapping[str, int] | None = None
+    #: idle seconds before TCP keepalive probes (``None``: the socket is left alone).
+    tcp_keepalive: int | None = None
 
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_whole_seconds(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _timeouts_ok(value: object) -> bool:
+    if value is None or isinstance(value, bool):
+        return True
+    if not isinstance(value, Mapping):
+        return False
+    return all(k in TIMEOUT_NAMES and _is_whole_seconds(v) for k, v in value.items())
+
+
 def _check_value(key: str, value: object, path: str) -> Problem | None:
     ok: bool
-    if key in ("AUTO_GUARD", "RETRY_READS"):
+    if key == "CLIENT_TIMEOUTS":
+        ok = _timeouts_ok(value)
+    elif key == "TCP_KEEPALIVE":
+        ok = value is None or value is False or _is_whole_seconds(value)
+    elif key in ("AUTO_GUARD", "RETRY_READS"):
         ok = isinstance(value, bool)
     elif key in ("MARGIN", "PEEK_AFTER"):
         ok = _is_number(value) and value >= 0  # type: ignore[operator]
@@ -223,7 +259,17 @@ class Settings:
             peek_after=float(merged["PEEK_AFTER"]),
             ping_after=(None if merged["PING_AFTER"] is None else float(merged["PING_AFTER"])),
             retry_reads=bool(merged["RETRY_READS"]),
+            client_timeouts=_client_timeouts(merged["CLIENT_TIMEOUTS"]),
+            tcp_keepalive=int(merged["TCP_KEEPALIVE"]) if merged["TCP_KEEPALIVE"] else None,
         )
+
+
+def _client_timeouts(value: object) -> Mapping[str, int] | None:
+    if value is True:
+        return dict(RECOMMENDED_TIMEOUTS)
+    if not value or not isinstance(value, Mapping):
+        return None
+    return {str(k): int(v) for k, v in value.items()}
 
 
 conf = Settings()

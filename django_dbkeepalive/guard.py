@@ -56,6 +56,8 @@ INF = float("inf")
 _now = time.monotonic
 _FORK = Disconnect(0, "fork", not_sent=True, retryable=True)
 _UNKNOWN_STATE = Disconnect(0, "interrupted", not_sent=False, retryable=False)
+#: Unanswered TCP keepalive probes after which the kernel closes the connection.
+KEEPALIVE_PROBES = 3
 
 # Defaults on every DatabaseWrapper: an unguarded wrapper never takes the slow path.
 _CLASS_DEFAULTS: dict[str, Any] = {
@@ -240,6 +242,28 @@ def _peek_why(db: Any) -> str:
     return "unknown"
 
 
+def _set_keepalive(db: Any, idle: int) -> None:
+    """Turn on TCP keepalive on the connection's socket: probes after ``idle`` seconds
+    without traffic, every ``max(1, idle // 3)`` seconds, 3 unanswered ones close it."""
+    fd = _verified_fd(db)
+    if fd is None:
+        return
+    try:
+        with _socket_for(fd) as sock:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                return
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            for name, value in (
+                ("TCP_KEEPIDLE", idle),
+                ("TCP_KEEPINTVL", max(1, idle // 3)),
+                ("TCP_KEEPCNT", KEEPALIVE_PROBES),
+            ):
+                if hasattr(socket, name):
+                    sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    except OSError as exc:
+        logger.warning("dbkeepalive: could not enable TCP keepalive on %r (%s)", db.alias, exc)
+
+
 def _ping(conn: Any) -> None:
     if _is_pymysql(conn):
         conn.ping(reconnect=False)  # older PyMySQL reconnects silently by default
@@ -289,6 +313,8 @@ def _read_timeout(db: Any) -> float | None:
     """The client read_timeout this connection was opened with, if any (seconds)."""
     options = db.settings_dict.get("OPTIONS") or {}
     value = options.get("read_timeout")
+    if value is None and db._dbk_cfg is not None and db._dbk_cfg.client_timeouts:
+        value = db._dbk_cfg.client_timeouts.get("read_timeout")
     try:
         return None if value is None else float(value)
     except (TypeError, ValueError):
@@ -334,6 +360,8 @@ def _on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:
     db._dbk_limit = None if cfg.wait_timeout is None else _limit_for(cfg.wait_timeout, cfg)
     _open_wrappers.add(db)
     _arm(db)
+    if cfg.tcp_keepalive and db._dbk_ino is not None:
+        _set_keepalive(db, cfg.tcp_keepalive)
     if db._dbk_manual:
         # The connection was lost in a transaction the code manages by hand; reopen it
         # in the same mode so later statements are not silently autocommitted.
@@ -1002,6 +1030,20 @@ def _safe_is_usable(original: Callable[..., Any]) -> Callable[..., Any]:
     return is_usable
 
 
+def _wrap_get_connection_params(original: Callable[..., Any]) -> Callable[..., Any]:
+    def get_connection_params(self: Any) -> Any:
+        params = original(self)
+        timeouts = conf.for_alias(self.alias).client_timeouts
+        # An option file (read_default_file) may set them: the user's choice wins.
+        if timeouts and "read_default_file" not in params:
+            for name, value in timeouts.items():
+                params.setdefault(name, value)  # OPTIONS are already in params
+        return params
+
+    get_connection_params.__wrapped__ = original  # type: ignore[attr-defined]
+    return get_connection_params
+
+
 _DJANGO_ERROR_NAMES = (
     "DataError",
     "OperationalError",
@@ -1206,6 +1248,7 @@ _PATCHES: list[tuple[Any, str, Callable[[Callable[..., Any]], Callable[..., Any]
 # Patched on the MySQL backend's DatabaseWrapper, when it can be imported.
 _MYSQL_PATCHES: list[tuple[str, Callable[[Callable[..., Any]], Callable[..., Any]]]] = [
     ("is_usable", _safe_is_usable),
+    ("get_connection_params", _wrap_get_connection_params),
 ]
 
 
