@@ -172,13 +172,13 @@ class KeepaliveWorkerFixup(DjangoWorkerFixup):  # type: ignore[misc]
             self.close_database()
         self.close_cache()
 
-    def _close_database(self) -> None:
-        # Dead connections first, without waiting on (or writing to) their sockets;
-        # then Celery's own close of the rest.
+    def _close_database(self, *args: Any, **kwargs: Any) -> None:
+        # Dead connections first, dropped without writing to (or waiting on) their
+        # sockets; then Celery's own close of the rest. (Celery < 5.5 takes `force`.)
         for db in connections.all(initialized_only=True):
             if db.connection is not None and not db.in_atomic_block:
-                guard.close_connection(db)
-        super()._close_database()
+                guard.check_idle(db)
+        super()._close_database(*args, **kwargs)
 
 
 def _django_fixup(app: Celery) -> DjangoFixup | None:
@@ -223,7 +223,7 @@ def install(app: Celery, *, using: Using = None) -> None:
         if isinstance(current, KeepaliveWorkerFixup):
             return
         ours = KeepaliveWorkerFixup(app, using)
-        if current is not None:
+        if getattr(current, "worker", None) is not None:  # Celery >= 5.5 records it
             ours.worker = current.worker
         fixup.worker_fixup = ours
 
