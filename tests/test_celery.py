@@ -134,8 +134,10 @@ class Rounds:
 
 
 def clean(log: str) -> None:
-    """No task error, no traceback, no signal handler error in the worker's log."""
+    """No task error, no traceback, no signal handler error in the worker's log, and the
+    integration was in place before the worker started."""
     assert "Traceback" not in log and "ERROR" not in log, log
+    assert not [line for line in log.splitlines() if "WARNING django_dbkeepalive" in line], log
 
 
 def parent_id(raw: Raw) -> int:
