@@ -528,7 +528,12 @@ def _before(db: Any, cursor: Any = None, *, force: bool = False) -> None:
         _check_mysql(db, idle, in_tx)
     elif not in_tx and _obsolete(db, now):
         _discard(db, "max_age", idle, graceful=True)
-    if db.connection is not None and db.connection is db._dbk_conn and db._dbk_lost is None:
+    if (
+        not force  # a check between units of work starts no statement: idle goes on
+        and db.connection is not None
+        and db.connection is db._dbk_conn
+        and db._dbk_lost is None
+    ):
         db._dbk_last = now
         db._dbk_due = now + db._dbk_cfg.peek_after if _guarded(db) else INF
     if cursor is not None and db.vendor == "mysql":

@@ -155,3 +155,21 @@ def test_keepalive_job_closes_obsolete_connections_after_the_job(server):
     from tests.conftest import wait_for
 
     assert wait_for(lambda: tid not in [p["id"] for p in server.processlist()])
+
+
+@override_settings(DBKEEPALIVE={"WAIT_TIMEOUT": 2})
+def test_a_check_between_units_of_work_does_not_reset_the_idle_clock(recycles):
+    connection.settings_dict["CONN_MAX_AGE"] = 60  # kept across the check
+    try:
+        connection.close()
+        Item.objects.count()
+        old = thread_id()
+        time.sleep(0.6)
+        with fresh_connection():  # checks, sends nothing: the connection stays idle
+            assert thread_id() == old
+        time.sleep(0.6)  # 1.2 s since the last statement: past the 1 s limit
+        Item.objects.count()
+        assert thread_id() != old
+        assert recycles.reasons == ["idle"]
+    finally:
+        connection.settings_dict["CONN_MAX_AGE"] = 0
