@@ -161,6 +161,11 @@ def main() -> None:
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwritten: {args.json.relative_to(ROOT)}")
 
+    print("\nconnects per 1,000 Celery tasks (prefork worker, 2 processes):", flush=True)
+    subprocess.run(
+        [sys.executable, str(HERE / "celery_connects.py"), "--tasks", "1000"], check=True
+    )
+
     if not args.no_callgrind:
         if shutil.which("valgrind"):
             print("\nclient instructions per query (callgrind):", flush=True)
