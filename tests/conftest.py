@@ -113,7 +113,8 @@ def raw(
 
 @pytest.fixture
 def set_wait_timeout(mariadb: MariaDBServer) -> Iterator[Callable[[int], None]]:
-    """``set_wait_timeout(seconds)``: GLOBAL wait_timeout and interactive_timeout, for new connections.
+    """``set_wait_timeout(seconds)``: GLOBAL wait_timeout and interactive_timeout,
+    for new connections.
 
     Closes Django's connections so the next query opens one that gets the new value;
     restores the old values (and closes again) after the test.
@@ -135,7 +136,8 @@ def set_wait_timeout(mariadb: MariaDBServer) -> Iterator[Callable[[int], None]]:
 
 @pytest.fixture(scope="session")
 def driver() -> str:
-    """``"mysqlclient"`` or ``"pymysql"`` (from DBK_DRIVER), checked against what Django really uses."""
+    """``"mysqlclient"`` or ``"pymysql"`` (from DBK_DRIVER), checked against what Django
+    really uses."""
     name = os.environ.get("DBK_DRIVER", "mysqlclient")
     from django.db.backends.mysql import base
 

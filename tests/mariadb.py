@@ -80,7 +80,8 @@ def _die_with_parent() -> None:
 
 
 def parse_server_url(value: str) -> tuple[str, str, str, int]:
-    """``user:password@host:port`` -> (user, password, host, port); the password may hold ``@``/``:``."""
+    """``user:password@host:port`` -> (user, password, host, port); the password may
+    hold ``@``/``:``."""
     creds, sep, hostport = value.rpartition("@")
     if not sep or not creds:
         raise ValueError(
@@ -225,7 +226,8 @@ class MariaDBServer:
         return int(rows[0][1]) - 1
 
     def processlist(self, user: str | None = None) -> list[dict[str, Any]]:
-        """Client threads (dicts with lowercase keys: id, user, host, db, command, time, state, info)."""
+        """Client threads (dicts with lowercase keys: id, user, host, db, command, time,
+        state, info)."""
         sql = (
             "SELECT ID, USER, HOST, DB, COMMAND, TIME, STATE, INFO"
             " FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID()"
@@ -236,7 +238,7 @@ class MariaDBServer:
             sql += " AND USER = %s"
             args = (user,)
         keys = ("id", "user", "host", "db", "command", "time", "state", "info")
-        return [dict(zip(keys, row)) for row in self.query(sql + " ORDER BY ID", args)]
+        return [dict(zip(keys, row, strict=True)) for row in self.query(sql + " ORDER BY ID", args)]
 
     def error_log_tail(self, lines: int = 30) -> str:
         if self.tmpdir is None or not (self.tmpdir / "error.log").exists():
@@ -357,7 +359,7 @@ class MariaDBServer:
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C in pytest must not kill it before teardown
             # Only a prctl() call, safe enough between fork and exec.
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
 
     def _wait_ready(self, password: str | None = None) -> None:

@@ -42,7 +42,8 @@ from django_dbkeepalive.errors import DISCONNECT_CODES, classify, is_disconnect,
         (
             pymysql.err.OperationalError(
                 2055,
-                "Lost connection to server at 'reading initial communication packet', system error: 104",
+                "Lost connection to server at 'reading initial communication packet', "
+                "system error: 104",
             ),
             2055,
             False,
