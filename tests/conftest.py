@@ -31,9 +31,7 @@ def close_connections() -> None:
             conn.connection = None
 
 
-def wait_for(
-    predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.02
-) -> bool:
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.02) -> bool:
     """Poll ``predicate`` until it is true or ``timeout`` seconds passed; return its last value."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -99,9 +97,7 @@ def server(mariadb: MariaDBServer) -> Iterator[MariaDBServer]:
 
 
 @pytest.fixture
-def raw(
-    mariadb: MariaDBServer, django_db_setup: None
-) -> Callable[..., list[tuple[Any, ...]]]:
+def raw(mariadb: MariaDBServer, django_db_setup: None) -> Callable[..., list[tuple[Any, ...]]]:
     """``raw(sql, args=None)``: run SQL as admin on a separate connection in the test database."""
     db = connections["default"].settings_dict["NAME"]
 

@@ -59,9 +59,7 @@ def _which(name: str) -> str:
     path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
     found = shutil.which(name, path=path)
     if found is None:
-        raise RuntimeError(
-            f"{name} not found: run `make deps` (needs MariaDB server binaries)"
-        )
+        raise RuntimeError(f"{name} not found: run `make deps` (needs MariaDB server binaries)")
     return found
 
 
@@ -84,9 +82,7 @@ def parse_server_url(value: str) -> tuple[str, str, str, int]:
     hold ``@``/``:``."""
     creds, sep, hostport = value.rpartition("@")
     if not sep or not creds:
-        raise ValueError(
-            f"{ENV_VAR} must look like user:password@host:port, got {value!r}"
-        )
+        raise ValueError(f"{ENV_VAR} must look like user:password@host:port, got {value!r}")
     user, _, password = creds.partition(":")
     host, _, port = hostport.partition(":")
     return user, password, host or "127.0.0.1", int(port or 3306)
@@ -189,9 +185,7 @@ class MariaDBServer:
 
     # -- SQL helpers -----------------------------------------------------------
 
-    def query(
-        self, sql: str, args: Any = None, db: str | None = None
-    ) -> list[tuple[Any, ...]]:
+    def query(self, sql: str, args: Any = None, db: str | None = None) -> list[tuple[Any, ...]]:
         """Run one statement on a new, short-lived admin connection (autocommit)."""
         conn = self._admin_connect(db=db)
         try:
@@ -289,9 +283,7 @@ class MariaDBServer:
         ]
         res = subprocess.run(install, check=False, capture_output=True, text=True)
         if res.returncode != 0:
-            raise RuntimeError(
-                f"mariadb-install-db failed:\n{res.stdout}\n{res.stderr}"
-            )
+            raise RuntimeError(f"mariadb-install-db failed:\n{res.stdout}\n{res.stderr}")
         # The port is only free until someone else binds it: retry with a new one.
         for attempt in range(3):
             self.port = _free_port()
@@ -300,10 +292,7 @@ class MariaDBServer:
                 self._wait_ready(password="")
                 break
             except RuntimeError:
-                if (
-                    attempt == 2
-                    or "Address already in use" not in self.error_log_tail()
-                ):
+                if attempt == 2 or "Address already in use" not in self.error_log_tail():
                     raise
                 self.stop()
         self._initialized = True
@@ -323,9 +312,7 @@ class MariaDBServer:
                         "CREATE USER %s@%s IDENTIFIED BY %s",
                         (self.user, host, self.password),
                     )
-                    cur.execute(
-                        "GRANT ALL PRIVILEGES ON *.* TO %s@%s", (self.user, host)
-                    )
+                    cur.execute("GRANT ALL PRIVILEGES ON *.* TO %s@%s", (self.user, host))
                     cur.execute(
                         "CREATE USER %s@%s IDENTIFIED BY %s",
                         (self.reader_user, host, self.reader_password),
@@ -366,13 +353,9 @@ class MariaDBServer:
         deadline = time.monotonic() + START_TIMEOUT
         last: Exception | None = None
         while time.monotonic() < deadline:
-            if not self.external and (
-                self.process is None or self.process.poll() is not None
-            ):
+            if not self.external and (self.process is None or self.process.poll() is not None):
                 code = None if self.process is None else self.process.returncode
-                raise RuntimeError(
-                    f"mariadbd exited with {code}:\n{self.error_log_tail()}"
-                )
+                raise RuntimeError(f"mariadbd exited with {code}:\n{self.error_log_tail()}")
             try:
                 self._admin_connect(password=password).close()
                 return
@@ -381,9 +364,7 @@ class MariaDBServer:
             # and rebinds the pymysql.err attribute to that copy, whose classes
             # PyMySQL never raises. The top-level names stay the real ones.
             except pymysql.OperationalError as exc:
-                if (
-                    exc.args and exc.args[0] == 1045
-                ):  # access denied: waiting won't help
+                if exc.args and exc.args[0] == 1045:  # access denied: waiting won't help
                     raise
                 last = exc
                 time.sleep(0.05)
