@@ -11,7 +11,7 @@ APT_PACKAGES := mariadb-server libmariadb-dev pkg-config
 # mariadbd lives in /usr/sbin, often not on a normal user's PATH.
 export PATH := $(PATH):/usr/sbin:/usr/local/sbin
 
-.PHONY: help deps venv test demo bench lint matrix clean
+.PHONY: help deps venv test demo bench soak lint matrix clean
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-7s %s\n", $$1, $$2}'
@@ -65,6 +65,12 @@ demo: venv ## run the demo (testproject/demo.py)
 
 bench: venv ## run the benchmarks
 	$(PY) benchmarks/run.py
+
+SOAK_SECONDS ?= 150
+soak: venv ## soak run under faults, each driver SOAK_SECONDS (150) s; not part of make test
+	@status=0; for d in $(DRIVERS); do \
+	  DBK_DRIVER=$$d $(PY) -m soak.run --seconds $(SOAK_SECONDS) $(SOAK_ARGS) || status=1; \
+	done; exit $$status
 
 # pyenv's interpreters, so tox finds python3.10 ... python3.13 (Django 6.x needs >= 3.12).
 PYENV_BINS := $(subst $(eval) ,:,$(wildcard $(HOME)/.pyenv/versions/3.1[0-3]*/bin))

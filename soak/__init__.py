@@ -1,0 +1,1 @@
+"""A bounded soak run against real faults: ``make soak`` (``python -m soak.run``)."""
