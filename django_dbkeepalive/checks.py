@@ -295,7 +295,11 @@ def configuration_messages(alias: str) -> list[checks.CheckMessage]:
 
 
 def _timeout_messages(alias: str, db: Any) -> list[checks.CheckMessage]:
-    options = db.settings_dict.get("OPTIONS") or {}
+    options = dict(db.settings_dict.get("OPTIONS") or {})
+    # DBKEEPALIVE["CLIENT_TIMEOUTS"] fills in what OPTIONS lacks when connecting; invalid
+    # settings are reported by E00x.
+    with contextlib.suppress(ValueError):
+        options = {**(conf.for_alias(alias).client_timeouts or {}), **options}
     pymysql = getattr(db.Database, "__name__", "") == "pymysql"
     missing = [
         name

@@ -470,6 +470,18 @@ def test_missing_client_timeouts_warn(default_settings, monkeypatch, driver, rem
     assert "DATABASES['default']['OPTIONS']" in found[0].hint
 
 
+def test_client_timeouts_setting_satisfies_the_timeout_check(default_settings, monkeypatch):
+    options = {
+        k: v
+        for k, v in default_settings["OPTIONS"].items()
+        if k not in ("connect_timeout", "read_timeout")
+    }
+    monkeypatch.setitem(default_settings, "OPTIONS", options)
+    assert ids(ours()) == ["dbkeepalive.W006"]
+    with override_settings(DBKEEPALIVE={"CLIENT_TIMEOUTS": True}):
+        assert ours() == []
+
+
 def test_middleware_without_the_app_warns():
     from django.conf import settings
 
