@@ -28,7 +28,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from django.core.signals import setting_changed
 from django.db import connections
@@ -66,6 +66,8 @@ _CLASS_DEFAULTS: dict[str, Any] = {
     "_dbk_last": 0.0,  # when the slow path last saw a statement start on it
     "_dbk_conn": None,  # the driver connection the state below belongs to
     "_dbk_ino": None,  # (fd, inode) of its socket, to never touch a reused fd
+    "_dbk_poller": None,  # poll(0) of that socket: a bound select.poll().poll
+    "_dbk_poll": None,  # the same while guarded: peeked before statements not re-run
     "_dbk_cfg": None,  # AliasSettings
     "_dbk_wait": None,  # the session's effective wait_timeout (None: not read yet)
     "_dbk_limit": None,  # idle limit = wait - margin
@@ -158,6 +160,7 @@ def _detach_socket(db: Any) -> None:
     peer is never waited on, and a socket shared with a parent process is left intact.
     """
     fd = _verified_fd(db)
+    _forget_socket(db)
     if fd is None:
         return
     null = os.open(os.devnull, os.O_RDWR)
@@ -165,7 +168,21 @@ def _detach_socket(db: Any) -> None:
         os.dup2(null, fd)
     finally:
         os.close(null)
+
+
+def _forget_socket(db: Any) -> None:
     db._dbk_ino = None
+    db._dbk_poller = None
+    db._dbk_poll = None
+
+
+def _poller(fd: int) -> Callable[[int], list[tuple[int, int]]]:
+    """``poll(0)`` of one socket: readable (or no longer open) while no statement is in
+    flight means the server closed the session. The object is made once per
+    connection, so a peek on the hot path is one C call and one ``poll()`` syscall."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    return poller.poll
 
 
 # ------------------------------------------------------------------- driver helpers
@@ -260,7 +277,8 @@ def _set_keepalive(db: Any, idle: int) -> None:
             ):
                 if hasattr(socket, name):
                     sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
-    except OSError as exc:
+    except (OSError, ValueError, TypeError, OverflowError) as exc:
+        # Settings validation bounds the value; a kernel may still refuse it.
         logger.warning("dbkeepalive: could not enable TCP keepalive on %r (%s)", db.alias, exc)
 
 
@@ -343,6 +361,7 @@ def _arm(db: Any) -> None:
     )
     db._dbk_on = on
     db._dbk_due = db._dbk_last + cfg.peek_after if on else INF
+    db._dbk_poll = db._dbk_poller if on else None
 
 
 def _on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:
@@ -352,6 +371,7 @@ def _on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:
     db._dbk_cfg = cfg
     db._dbk_conn = db.connection
     db._dbk_ino = _socket_id(db.connection) if db.vendor == "mysql" else None
+    db._dbk_poller = None if db._dbk_ino is None else _poller(db._dbk_ino[0])
     db._dbk_last = now
     db._dbk_lost = None
     db._dbk_why = None
@@ -413,7 +433,7 @@ def _discard(
     if not db.in_atomic_block:
         db.connection = None
     db._dbk_conn = None
-    db._dbk_ino = None
+    _forget_socket(db)
     db._dbk_lost = None
     db._dbk_due = -INF  # a cursor still bound to the old connection takes the slow path
     db._dbk_why = cause if cause is not None else db._dbk_why
@@ -899,6 +919,10 @@ def _wrap_execute(original: Callable[..., Any]) -> Callable[..., Any]:
         db = self.db
         if _now() > db._dbk_due:
             _before(db, self)
+        elif (poll := db._dbk_poll) is not None and sql[:1] != "S" and poll(0):
+            # Not a SELECT/SHOW (those are re-run if the link broke): a statement that
+            # may not be re-run is never sent on a session the server has closed.
+            _before(db, self)
         try:
             if _INLINE:
                 return self._execute_with_wrappers(sql, params, many=False, executor=self._execute)
@@ -914,7 +938,7 @@ def _wrap_execute(original: Callable[..., Any]) -> Callable[..., Any]:
 def _wrap_executemany(original: Callable[..., Any]) -> Callable[..., Any]:
     def executemany(self: Any, sql: Any, param_list: Any, _now: Any = _now) -> Any:
         db = self.db
-        if _now() > db._dbk_due:
+        if _now() > db._dbk_due or ((poll := db._dbk_poll) is not None and poll(0)):
             _before(db, self)
         try:
             if _INLINE:
@@ -932,7 +956,7 @@ def _wrap_executemany(original: Callable[..., Any]) -> Callable[..., Any]:
 def _wrap_callproc(original: Callable[..., Any]) -> Callable[..., Any]:
     def callproc(self: Any, procname: Any, params: Any = None, kparams: Any = None) -> Any:
         db = self.db
-        if _now() > db._dbk_due:
+        if _now() > db._dbk_due or ((poll := db._dbk_poll) is not None and poll(0)):
             _before(db, self)
         try:
             return original(self, procname, params, kparams)
@@ -987,7 +1011,9 @@ def _wrap_set_autocommit(original: Callable[..., Any]) -> Callable[..., Any]:
 
 def _wrap_commit(original: Callable[..., Any]) -> Callable[..., Any]:
     def commit(self: Any) -> Any:
-        if _now() > self._dbk_due:
+        # Peeked every time: a COMMIT on a session the server closed would leave its
+        # outcome unknown, while before sending it the transaction is known rolled back.
+        if _now() > self._dbk_due or ((poll := self._dbk_poll) is not None and poll(0)):
             _before(self)
         try:
             return original(self)
@@ -1073,9 +1099,9 @@ def _drop_half_open(db: Any) -> None:
         conn.close()
 
 
-def _connect_error(db: Any, exc: Exception, found: Disconnect) -> Exception | None:
+def _connect_error(db: Any, exc: Exception, found: Disconnect, *, twice: bool) -> Exception | None:
     """``exc`` as the Django error the caller will see, with a note; ``None`` when it
-    is not one the guard can convert."""
+    is not one the guard can convert. ``twice``: the setup was lost on a second try."""
     if isinstance(exc, db_utils.Error):
         error: Exception = exc  # raised by Django's own error wrapper during setup
     else:
@@ -1097,6 +1123,16 @@ def _connect_error(db: Any, exc: Exception, found: Disconnect) -> Exception | No
             f"django-dbkeepalive: could not connect to database {db.alias!r}: "
             f"{unreachable.what}.{before} Nothing was sent. {unreachable.advice}"
         )
+    elif not twice:
+        # Not tried again: it took too long, so the server (or something in front of
+        # it) accepted the connection but did not answer.
+        error.add_note(
+            f"django-dbkeepalive: a new connection to database {db.alias!r} was accepted "
+            "but the server did not complete the login in time (a server that is "
+            "overloaded, starting, or stalled; a proxy or load balancer with no healthy "
+            f"server behind it).{before} Nothing was sent. Check the server; the "
+            "client's connect_timeout and read_timeout bound this wait."
+        )
     else:
         cause = _failure_cause(db, found, exc, pymysql=False)
         error.add_note(
@@ -1109,10 +1145,22 @@ def _connect_error(db: Any, exc: Exception, found: Disconnect) -> Exception | No
 
 
 _RETRY_LATER = "Retry in a moment; the next statement connects again by itself."
+# A session lost this soon after connecting was closed by the server (a KILL, a reset):
+# connecting again is worth it. One lost later timed out waiting for the server, and
+# another try would only wait as long again.
+_SETUP_RETRY_WITHIN = 1.0
+
+
+def _raise_connect_error(db: Any, exc: Exception, found: Disconnect, *, twice: bool) -> NoReturn:
+    error = _connect_error(db, exc, found, twice=twice)
+    if error is None or error is exc:
+        raise exc
+    raise error.with_traceback(exc.__traceback__) from exc
 
 
 def _wrap_connect(original: Callable[..., Any]) -> Callable[..., Any]:
     def connect(self: Any) -> Any:
+        started = _now()
         try:
             return original(self)
         except Exception as exc:
@@ -1121,11 +1169,12 @@ def _wrap_connect(original: Callable[..., Any]) -> Callable[..., Any]:
             found = classify(exc)
             if self.vendor != "mysql" or found is None:
                 raise
-            if found.kind == "unreachable":
-                error = _connect_error(self, exc, found)
-                if error is None or error is exc:
-                    raise
-                raise error.with_traceback(exc.__traceback__) from exc
+            if (
+                found.kind == "unreachable"
+                or network_evidence(exc) == "timeout"
+                or _now() - started >= _SETUP_RETRY_WITHIN
+            ):
+                _raise_connect_error(self, exc, found, twice=False)
             logger.info(
                 "dbkeepalive: a new %r connection was lost while being set up (error %s); "
                 "connecting again (nothing of the caller's was sent)",
@@ -1143,10 +1192,7 @@ def _wrap_connect(original: Callable[..., Any]) -> Callable[..., Any]:
             found = classify(exc)
             if self.vendor != "mysql" or found is None:
                 raise
-            error = _connect_error(self, exc, found)
-            if error is None or error is exc:
-                raise
-            raise error.with_traceback(exc.__traceback__) from exc
+            _raise_connect_error(self, exc, found, twice=True)
 
     connect.__wrapped__ = original  # type: ignore[attr-defined]
     return connect
