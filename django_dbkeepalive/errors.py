@@ -271,13 +271,18 @@ _READ_START = re.compile(
     re.IGNORECASE | re.DOTALL,
 )
 # A read that changes something, or whose answer depends on the session it runs in,
-# would give a different (wrong) answer on a new connection.
+# would give a different (wrong) answer on a new connection. (Locking reads, FOR UPDATE
+# and LOCK IN SHARE MODE, are not among them: a read is only ever re-run outside a
+# transaction, where the server releases their locks as soon as they return.)
 _NOT_IDEMPOTENT = re.compile(
-    r"\b(INTO|FOR\s+UPDATE|LOCK\s+IN\s+SHARE\s+MODE|INSERT|UPDATE|DELETE|REPLACE"
+    r"\b(INTO|INSERT|UPDATE|DELETE|REPLACE"
     r"|GET_LOCK|RELEASE_LOCK|RELEASE_ALL_LOCKS|IS_USED_LOCK|IS_FREE_LOCK"
     r"|LAST_INSERT_ID|FOUND_ROWS|ROW_COUNT|CONNECTION_ID|NEXTVAL|SETVAL|LASTVAL"
     r"|NEXT\s+VALUE|PREVIOUS\s+VALUE)\b|@[A-Za-z_`'\"]",
     re.IGNORECASE,
+)
+_LOCKING_CLAUSE = re.compile(
+    r"\bFOR\s+(?:UPDATE|SHARE)\b|\bLOCK\s+IN\s+SHARE\s+MODE\b", re.IGNORECASE
 )
 
 
@@ -289,7 +294,9 @@ def is_read(sql: object) -> bool:
 
 
 def is_retryable_read(sql: object) -> bool:
-    """``True`` for a statement that only reads and whose answer is session-independent.
+    """``True`` for a statement that only reads and whose answer is session-independent,
+    so that running it again on a new connection, outside a transaction, gives the same
+    answer.
 
     Example::
 
@@ -300,7 +307,9 @@ def is_retryable_read(sql: object) -> bool:
         sql = sql.decode("utf-8", "replace")
     if not isinstance(sql, str):
         return False
-    return bool(_READ_START.match(sql)) and not _NOT_IDEMPOTENT.search(sql)
+    return bool(_READ_START.match(sql)) and not _NOT_IDEMPOTENT.search(
+        _LOCKING_CLAUSE.sub(" ", sql)
+    )
 
 
 class ConnectionLostInTransaction(OperationalError):

@@ -106,6 +106,9 @@ def test_disconnect_codes_cover_the_documented_ones():
         "EXPLAIN SELECT 1",
         "WITH x AS (SELECT 1) SELECT * FROM x",
         b"SELECT 1",
+        # Re-run only outside a transaction, where their locks end with the statement.
+        "SELECT * FROM t WHERE id = %s FOR UPDATE",
+        "SELECT * FROM t LOCK IN SHARE MODE",
     ],
 )
 def test_reads_may_be_rerun(sql):
@@ -119,8 +122,8 @@ def test_reads_may_be_rerun(sql):
         "UPDATE t SET a = 1",
         "DELETE FROM t",
         "REPLACE INTO t VALUES (1)",
-        "SELECT * FROM t FOR UPDATE",
         "SELECT a INTO @x FROM t",
+        "SELECT a FROM t INTO OUTFILE '/tmp/x'",
         "SELECT LAST_INSERT_ID()",
         "SELECT FOUND_ROWS()",
         "SELECT GET_LOCK('job', 10)",
