@@ -61,7 +61,9 @@ def refresh_connections(using: Using = None, *, close: bool = False) -> None:
         if db.connection is not None:
             errors = db.errors_occurred
             db.close_if_unusable_or_obsolete()
-            if db.connection is None:
+            # CONN_MAX_AGE = 0 closes at the end of every unit of work: Django's routine,
+            # not a recycle worth a signal.
+            if db.connection is None and (errors or db.settings_dict.get("CONN_MAX_AGE")):
                 guard.notify_closed(db, "ping_failed" if errors else "max_age")
 
 
