@@ -7,7 +7,7 @@ clean process.
     python benchmarks/workload.py MODE DRIVER CASE N   ->  prints one JSON line
 
 MODE: plain | app | health (plain Django with CONN_HEALTH_CHECKS=True)
-CASE: select1 | orm_get | orm_insert | request | recovery
+CASE: select1 | insert1 | orm_get | orm_insert | request | recovery
 """
 
 from __future__ import annotations
@@ -73,6 +73,14 @@ def run(case: str, n: int) -> list[float]:
             start = clock()
             cursor.execute("SELECT 1")
             cursor.fetchone()
+            timings.append(clock() - start)
+    elif case == "insert1":
+        cursor = connection.cursor()
+        prefix = f"{os.getpid()}-{time.time_ns()}"
+        sql = "INSERT INTO testapp_item (`key`, value, created) VALUES (%s, 0, NOW())"
+        for i in range(n):
+            start = clock()
+            cursor.execute(sql, [f"{prefix}-{i}"])
             timings.append(clock() - start)
     elif case == "orm_get":
         pk = Item.objects.get_or_create(key="bench-get")[0].pk

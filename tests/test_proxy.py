@@ -238,3 +238,56 @@ def test_a_connection_lost_twice_while_being_set_up_says_so(
     assert "before any statement of yours was sent" in text
     Item.objects.create(key="b")  # nothing half-open was left behind
     assert keys(raw) == ["b"]
+
+
+@pytest.fixture
+def silent_server() -> Iterator[tuple[int, list[Any]]]:
+    """A TCP server that accepts connections and never sends a byte (a stalled server,
+    or a load balancer with nothing healthy behind it): ``(port, accepted sockets)``."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted: list[Any] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield listener.getsockname()[1], accepted
+    finally:
+        listener.close()
+        for sock in accepted:
+            sock.close()
+
+
+def test_a_server_that_never_answers_the_login_is_waited_on_once(
+    silent_server: tuple[int, list[Any]], db_options: Callable[..., None]
+) -> None:
+    port, accepted = silent_server
+    db_options(connect_timeout=1, read_timeout=1)
+    settings_dict = connection.settings_dict
+    saved = settings_dict["HOST"], settings_dict["PORT"]
+    settings_dict.update(HOST="127.0.0.1", PORT=port)
+    try:
+        started = time.monotonic()
+        with pytest.raises(OperationalError) as caught:
+            Item.objects.count()
+        elapsed = time.monotonic() - started
+    finally:
+        settings_dict.update(HOST=saved[0], PORT=saved[1])
+        connection.close()
+    # Connecting again would only wait as long again (it once doubled the wait).
+    assert len(accepted) == 1
+    assert elapsed < 2.0
+    text = notes(caught.value)
+    assert "did not complete the login in time" in text
+    assert "Nothing was sent" in text
+    assert Item.objects.count() == 0  # the real server again: nothing was left behind
