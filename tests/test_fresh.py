@@ -173,3 +173,25 @@ def test_a_check_between_units_of_work_does_not_reset_the_idle_clock(recycles):
         assert recycles.reasons == ["idle"]
     finally:
         connection.settings_dict["CONN_MAX_AGE"] = 0
+
+
+def test_the_routine_close_of_conn_max_age_0_is_not_reported_as_a_recycle(conn_max_age):
+    from django_dbkeepalive.testing import record_recycles
+
+    conn_max_age(0)
+
+    @keepalive_job
+    def job() -> int:
+        return Item.objects.count()
+
+    with record_recycles() as log:
+        job()
+        assert connection.connection is None  # Django's per-unit-of-work close ran
+        job()
+    assert log == []
+    conn_max_age(1)
+    Item.objects.count()
+    time.sleep(1.1)
+    with record_recycles() as log:
+        job()  # now the age limit did close it: that is a recycle
+    assert log.reasons == ["max_age"]
