@@ -17,6 +17,7 @@ __all__ = [
     "Cause",
     "ConnectionLostInTransaction",
     "Disconnect",
+    "add_note",
     "classify",
     "explain",
     "is_disconnect",
@@ -258,6 +259,22 @@ def explain(
         )
         advice = "Keep idle periods shorter than the server's wait_timeout (or raise it). " + advice
     return Cause(kind, what, advice)
+
+
+def add_note(exc: BaseException, text: str) -> None:
+    """Attach ``text`` to ``exc`` as a note (PEP 678): tracebacks show it under the error.
+
+    On Python 3.10, which has no ``add_note()``, the note is stored in ``__notes__`` the
+    same way (for code and tests that read it), but tracebacks there do not print it.
+    """
+    if hasattr(exc, "add_note"):
+        exc.add_note(text)
+        return
+    notes = getattr(exc, "__notes__", None)
+    if not isinstance(notes, list):
+        notes = []
+    notes.append(text)
+    exc.__notes__ = notes  # type: ignore[attr-defined,unused-ignore]
 
 
 def is_disconnect(exc: BaseException) -> bool:

@@ -42,6 +42,7 @@ from .errors import (
     Cause,
     ConnectionLostInTransaction,
     Disconnect,
+    add_note,
     classify,
     explain,
     is_read,
@@ -834,8 +835,6 @@ def _note(
     exc: BaseException, db: Any, cause: Cause, *, rerun: str, first: Cause | None = None
 ) -> None:
     """Add what happened and what to do to a driver error that reaches the caller."""
-    if not hasattr(exc, "add_note"):
-        return
     alias = db.alias
     if cause.kind == "too_large":
         text = (
@@ -870,7 +869,7 @@ def _note(
             "the server may have applied it: check whether it took effect before "
             f"retrying it. {cause.advice} The next statement uses a new connection."
         )
-    exc.add_note(text)
+    add_note(exc, text)
 
 
 # -------------------------------------------------------------------- the wrappers
@@ -1119,27 +1118,30 @@ def _connect_error(db: Any, exc: Exception, found: Disconnect, *, twice: bool) -
     before = "" if previous is None else f" Its previous connection was lost: {previous.what}."
     if found.kind == "unreachable":
         unreachable = explain("unreachable")
-        error.add_note(
+        add_note(
+            error,
             f"django-dbkeepalive: could not connect to database {db.alias!r}: "
-            f"{unreachable.what}.{before} Nothing was sent. {unreachable.advice}"
+            f"{unreachable.what}.{before} Nothing was sent. {unreachable.advice}",
         )
     elif not twice:
         # Not tried again: it took too long, so the server (or something in front of
         # it) accepted the connection but did not answer.
-        error.add_note(
+        add_note(
+            error,
             f"django-dbkeepalive: a new connection to database {db.alias!r} was accepted "
             "but the server did not complete the login in time (a server that is "
             "overloaded, starting, or stalled; a proxy or load balancer with no healthy "
             f"server behind it).{before} Nothing was sent. Check the server; the "
-            "client's connect_timeout and read_timeout bound this wait."
+            "client's connect_timeout and read_timeout bound this wait.",
         )
     else:
         cause = _failure_cause(db, found, exc, pymysql=False)
-        error.add_note(
+        add_note(
+            error,
             f"django-dbkeepalive: a new connection to database {db.alias!r} was lost twice "
             "while it was being opened and set up, before any statement of yours was sent: "
             f"{cause.what} (behind a proxy or load balancer, a server that is down or "
-            f"restarting looks like this too).{before} Nothing was sent. {_RETRY_LATER}"
+            f"restarting looks like this too).{before} Nothing was sent. {_RETRY_LATER}",
         )
     return error
 
