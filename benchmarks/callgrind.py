@@ -79,7 +79,7 @@ def per_query(env: dict[str, str], mode: str, driver: str, case: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--cases", default="select1,orm_get")
+    parser.add_argument("--cases", default="select1,insert1,orm_get")
     parser.add_argument("--drivers", default="mysqlclient,pymysql")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "callgrind.json")
     args = parser.parse_args()
