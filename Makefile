@@ -17,7 +17,13 @@ help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-7s %s\n", $$1, $$2}'
 	@echo "  PYTEST_ARGS='-k kill -x' make test   passes arguments to pytest"
 
+PY_OK := import sys; sys.exit(sys.version_info < (3, 10))
+
 deps: ## check (as root: install) what the build and the tests need from the system
+	@$(PYTHON) -c '$(PY_OK)' 2>/dev/null || { \
+	  echo "$(PYTHON) is $$($(PYTHON) -V 2>&1 || echo missing): Python >= 3.10 is needed;" \
+	    "run with PYTHON=/path/to/python3.10-or-newer (e.g. make test PYTHON=python3.12)"; \
+	  exit 1; }
 	@missing=""; pkgs=""; \
 	for cmd in mariadbd mariadb-install-db pkg-config; do \
 	  command -v $$cmd >/dev/null || { missing="$$missing $$cmd"; pkgs="$$pkgs $(APT_PACKAGES)"; }; \
@@ -34,7 +40,10 @@ deps: ## check (as root: install) what the build and the tests need from the sys
 	pkgs=$$(echo $$pkgs | tr ' ' '\n' | sort -u | tr '\n' ' '); \
 	echo "missing:$$missing"; \
 	if [ "$$(id -u)" != 0 ]; then echo "run: sudo apt-get install -y $$pkgs"; exit 1; fi; \
-	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$pkgs
+	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$pkgs || exit 1; \
+	for cmd in mariadbd mariadb-install-db pkg-config cc redis-server; do \
+	  command -v $$cmd >/dev/null || { echo "still missing after apt-get: $$cmd"; exit 1; }; \
+	done
 # Installing mariadb-server or redis-server (the Celery tests' broker) may start the
 # system service: harmless, the tests always start their own private servers on free
 # ports and never use it.
@@ -43,6 +52,9 @@ venv: $(VENV)/.installed ## create .venv and install the package with test and l
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@$(MAKE) --no-print-directory deps
+	@# A .venv left by an older or unsupported Python is made again.
+	@if [ -x $(PY) ] && ! $(PY) -c '$(PY_OK)' 2>/dev/null; then \
+	  echo "$(VENV) has $$($(PY) -V 2>&1): making it again with $(PYTHON)"; rm -rf $(VENV); fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -e '.[test,lint]'
 	touch $@
