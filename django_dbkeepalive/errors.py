@@ -135,6 +135,25 @@ def network_evidence(exc: BaseException) -> str | None:
     return None
 
 
+def tls_failure(exc: BaseException) -> bool:
+    """``True`` when connecting failed in the TLS handshake (a certificate or TLS
+    setting), which drivers report like an unreachable server (PyMySQL: 2003)."""
+    import ssl
+
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 8:
+        seen += 1
+        if isinstance(current, ssl.SSLError):
+            return True
+        args: tuple[object, ...] = getattr(current, "args", ())
+        text = " ".join(a for a in args if isinstance(a, str))
+        if "SSL" in text or "TLS" in text or "certificate" in text:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
 @dataclass(frozen=True)
 class Cause:
     """Why a connection was lost, in words for a message: ``kind`` (stable, e.g.

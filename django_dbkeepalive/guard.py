@@ -48,6 +48,7 @@ from .errors import (
     is_read,
     is_retryable_read,
     network_evidence,
+    tls_failure,
 )
 from .signals import connection_recycled
 
@@ -1116,7 +1117,15 @@ def _connect_error(db: Any, exc: Exception, found: Disconnect, *, twice: bool) -
     db.errors_occurred = True
     previous = db._dbk_why
     before = "" if previous is None else f" Its previous connection was lost: {previous.what}."
-    if found.kind == "unreachable":
+    if found.kind == "unreachable" and tls_failure(exc):
+        add_note(
+            error,
+            f"django-dbkeepalive: could not connect to database {db.alias!r}: the TLS "
+            "handshake failed. The server answered, so this is a certificate or TLS "
+            "setting problem (OPTIONS['ssl'], the server's certificate), not an outage: "
+            "retrying will not help. Nothing was sent.",
+        )
+    elif found.kind == "unreachable":
         unreachable = explain("unreachable")
         add_note(
             error,

@@ -8,7 +8,13 @@ import pytest
 from django.db import connection
 from django.db.utils import InterfaceError, OperationalError
 
-from django_dbkeepalive.errors import DISCONNECT_CODES, classify, is_disconnect, is_retryable_read
+from django_dbkeepalive.errors import (
+    DISCONNECT_CODES,
+    classify,
+    is_disconnect,
+    is_retryable_read,
+    tls_failure,
+)
 
 
 @pytest.mark.parametrize(
@@ -153,3 +159,31 @@ def test_a_real_kill_is_classified_for_the_driver_in_use(server, driver):
     assert found is not None, repr(caught.value)
     assert found.code in (2006, 2013, 1927)
     connection.connection = None
+
+
+def _pymysql_connect_error(cause: BaseException) -> BaseException:
+    # What PyMySQL raises when connect() fails: 2003 wrapping the socket-level error.
+    try:
+        try:
+            raise cause
+        except Exception as exc:
+            raise pymysql.err.OperationalError(
+                2003, f"Can't connect to MySQL server on '127.0.0.1' ({exc})"
+            ) from exc
+    except pymysql.err.OperationalError as error:
+        return error
+
+
+def test_a_tls_handshake_failure_is_told_apart_from_an_unreachable_server():
+    import ssl
+
+    bad_certificate = _pymysql_connect_error(
+        ssl.SSLCertVerificationError(
+            1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"
+        )
+    )
+    refused = _pymysql_connect_error(ConnectionRefusedError(111, "Connection refused"))
+    assert classify(bad_certificate).kind == classify(refused).kind == "unreachable"
+    assert tls_failure(bad_certificate)
+    assert tls_failure(MySQLdb.OperationalError(2026, "TLS/SSL error: self-signed certificate"))
+    assert not tls_failure(refused)
