@@ -7,7 +7,9 @@ project's settings with the environment it is given (DBK_DB_*, DBK_DRIVER) plus:
 - ``DBK_CELERY_INTEGRATION``: ``0`` leaves out ``django_dbkeepalive.contrib.celery``;
 - ``DBK_CELERY_DB_REUSE_MAX``: Celery's ``CELERY_DB_REUSE_MAX``;
 - ``DBK_CELERY_PARENT_HOLDS``: ``1`` makes the worker's main process hold a connection
-  from ``worker_ready`` to ``worker_shutdown`` (rows ``parent-start``/``parent-end``).
+  from ``worker_ready`` to ``worker_shutdown`` (rows ``parent-start``/``parent-end``);
+- ``DBK_CELERY_USING``, ``DBK_CELERY_INSTALL_AT``, ``DBK_CELERY_AUTO_GUARD``, ``DBK_APP``:
+  see testproject/celery.py.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ class CeleryWorker:
 
 
 class Client:
-    """Sends ``dbk.write`` tasks to the broker and collects their results."""
+    """Sends the test project's tasks to the broker and collects their results."""
 
     def __init__(self, broker: str) -> None:
         from celery import Celery
@@ -122,6 +124,16 @@ class Client:
             out.append((int(value[0]), int(value[1]), int(value[2])))
             result.forget()
         return out
+
+    def call(self, name: str, *args: Any, timeout: float = 60.0) -> tuple[int, int, int]:
+        """Run the task ``name``, which returns (pid, thread, connection id); return that.
+        Raises the task's error."""
+        result = self.app.send_task(name, args=list(args))
+        try:
+            value: Any = result.get(timeout=timeout)
+        finally:
+            result.forget()
+        return int(value[0]), int(value[1]), int(value[2])
 
     def close(self) -> None:
         self.app.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 
-from django.db import connection
+from django.db import connection, connections
 
 from .models import Item
 
@@ -20,6 +20,15 @@ def write_item(key: str) -> int:
         thread_id = int(cursor.fetchone()[0])
     Item.objects.create(key=key, value=thread_id)
     return thread_id
+
+
+def reader_connection_id() -> int:
+    """Count the items through the ``reader`` alias; return the server's id of the
+    connection that read them."""
+    with connections["reader"].cursor() as cursor:
+        cursor.execute("SELECT COUNT(*) FROM testapp_item")
+        cursor.execute("SELECT CONNECTION_ID()")
+        return int(cursor.fetchone()[0])
 
 
 def write_item_in_process(key: str) -> tuple[int, int]:
