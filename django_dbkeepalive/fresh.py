@@ -37,12 +37,15 @@ def _aliases(using: Using) -> list[str]:
 
 
 def refresh_connections(using: Using = None, *, close: bool = False) -> None:
-    """What ``close_old_connections()`` does, plus the guard's idle and liveness checks.
+    """The guard's checks between two statements, as a function call.
 
     For each alias (in this thread): a connection idle past its limit, closed by the
-    server, unusable after errors or older than ``CONN_MAX_AGE`` is closed, so the next
-    query reconnects. ``close=True`` closes every connection. A connection inside an
-    atomic block is never touched.
+    server, unusable after errors, left in a manual transaction, or older than a
+    positive ``CONN_MAX_AGE`` is closed, so the next query reconnects. A healthy
+    connection is kept (also with ``CONN_MAX_AGE = 0``: this is not the end of a unit
+    of work). ``close=True`` closes every connection. A connection inside a
+    transaction (an atomic block, or autocommit off) is never touched. Costs no round
+    trip unless a ping is due.
 
     Example::
 
@@ -50,31 +53,79 @@ def refresh_connections(using: Using = None, *, close: bool = False) -> None:
             refresh_connections()  # cheap: no round trip unless idle for a while
             process(batch)
     """
-    wanted = set(_aliases(using))
+    _refresh(_aliases(using), close=close, end=False)
+
+
+def _refresh(aliases: Iterable[str], *, close: bool, end: bool) -> None:
+    """``end``: the end of a unit of work, where ``close_old_connections()`` applies
+    (``CONN_MAX_AGE = 0`` releases the connection, ``CONN_HEALTH_CHECKS`` re-arms)."""
+    wanted = set(aliases)
     for db in connections.all(initialized_only=True):
         if db.alias not in wanted or db.connection is None or db.in_atomic_block:
             continue
         if close:
             guard.close_connection(db)
             continue
-        guard.check_idle(db)
-        if db.connection is not None:
-            errors = db.errors_occurred
+        if not end and not db.get_autocommit():
+            continue  # a transaction the code manages by hand is still going on
+        guard.check_idle(db)  # dead, idle past the limit, CONN_MAX_AGE > 0 reached
+        if db.connection is None:
+            continue
+        errors = db.errors_occurred
+        if end:
             db.close_if_unusable_or_obsolete()
-            # CONN_MAX_AGE = 0 closes at the end of every unit of work: Django's routine,
-            # not a recycle worth a signal.
-            if db.connection is None and (errors or db.settings_dict.get("CONN_MAX_AGE")):
-                guard.notify_closed(db, "ping_failed" if errors else "max_age")
+        else:
+            _tidy(db)
+        # CONN_MAX_AGE = 0 closes at the end of every unit of work: Django's routine,
+        # not a recycle worth a signal.
+        if db.connection is None and (errors or db.settings_dict.get("CONN_MAX_AGE")):
+            guard.notify_closed(db, "ping_failed" if errors else "max_age")
+
+
+def _tidy(db: Any) -> None:
+    """Django's ``close_if_unusable_or_obsolete()`` without its age rule (which the
+    guard enforces for a positive ``CONN_MAX_AGE``, and which for ``CONN_MAX_AGE = 0``
+    means "at the end of the unit of work"): close a connection left with the wrong
+    autocommit mode, or one that errors broke. Never a round trip on a healthy one."""
+    if db.connection is None or db.in_atomic_block:
+        return
+    if db.get_autocommit() != db.settings_dict["AUTOCOMMIT"]:
+        # A manual transaction left behind: never hand it to the next unit of work.
+        guard.close_connection(db)
+        return
+    if db.errors_occurred:
+        if db.is_usable():
+            db.errors_occurred = False
+        else:
+            guard.close_connection(db)
+
+
+def _enter(aliases: list[str]) -> None:
+    """Start a unit of work: check this thread's connections of ``aliases`` and guard
+    them (also with ``AUTO_GUARD = False``) until :func:`_exit`."""
+    _refresh(aliases, close=False, end=False)
+    for alias in aliases:
+        guard.enable(connections[alias])
+
+
+def _exit(aliases: list[str], *, close: bool) -> None:
+    """End a unit of work started by :func:`_enter` (in the same thread: the same
+    wrappers, since Django's connections are per thread and per async context)."""
+    for alias in aliases:
+        guard.disable(connections[alias])
+    _refresh(aliases, close=close, end=True)
 
 
 class fresh_connection:
     """Context manager and decorator that hands out healthy connections.
 
-    On entry and exit it does what ``close_old_connections()`` does, plus: a connection
-    idle past its limit, or closed by the server, is closed so the next query
-    reconnects. ``using`` is an alias, a list of aliases, or ``None`` for all.
-    ``close=True`` closes the connections on exit. Inside an atomic block it never
-    closes anything. Works on sync and ``async def`` functions, and as ``async with``.
+    On entry, a connection that is dead, idle past its limit, broken by errors or
+    older than ``CONN_MAX_AGE`` is closed so the next query reconnects; inside, every
+    statement is guarded (also with ``AUTO_GUARD = False``); on exit it also does what
+    ``close_old_connections()`` does (``CONN_MAX_AGE = 0`` releases the connection).
+    ``using`` is an alias, a list of aliases, or ``None`` for all. ``close=True``
+    closes the connections on exit. Inside an atomic block it never closes anything.
+    Works on sync and ``async def`` functions, and as ``async with``.
 
     Example::
 
@@ -109,7 +160,7 @@ class fresh_connection:
         return f"fresh_connection(using={self.using!r}, close={self.close!r})"
 
     def __enter__(self) -> fresh_connection:
-        refresh_connections(self.using)
+        _enter(_aliases(self.using))
         return self
 
     def __exit__(
@@ -118,11 +169,12 @@ class fresh_connection:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        refresh_connections(self.using, close=self.close)
+        _exit(_aliases(self.using), close=self.close)
 
     async def __aenter__(self) -> fresh_connection:
-        # The ORM's async methods run in the thread-sensitive executor: refresh there.
-        await sync_to_async(refresh_connections, thread_sensitive=True)(self.using)
+        # The ORM's async methods run in the thread-sensitive executor: the connections
+        # to check and guard are that thread's.
+        await sync_to_async(_enter, thread_sensitive=True)(_aliases(self.using))
         return self
 
     async def __aexit__(
@@ -131,9 +183,7 @@ class fresh_connection:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await sync_to_async(refresh_connections, thread_sensitive=True)(
-            self.using, close=self.close
-        )
+        await sync_to_async(_exit, thread_sensitive=True)(_aliases(self.using), close=self.close)
 
     def __call__(self, func: F) -> F:
         if inspect.iscoroutinefunction(func):

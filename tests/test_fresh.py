@@ -7,7 +7,7 @@ import time
 
 import pytest
 from asgiref.sync import sync_to_async
-from django.db import connection, transaction
+from django.db import OperationalError, connection, transaction
 from django.test import override_settings
 from django.utils.connection import ConnectionDoesNotExist
 
@@ -195,3 +195,67 @@ def test_the_routine_close_of_conn_max_age_0_is_not_reported_as_a_recycle(conn_m
     with record_recycles() as log:
         job()  # now the age limit did close it: that is a recycle
     assert log.reasons == ["max_age"]
+
+
+def test_scopes_guard_their_statements_when_the_automatic_guard_is_off(server, raw):
+    from django_dbkeepalive.testing import kill_connection
+
+    @keepalive_job
+    def job(key: str) -> None:
+        Item.objects.count()
+        kill_connection()  # the server closes the session between two statements
+        Item.objects.create(key=key)
+
+    with override_settings(DBKEEPALIVE={"AUTO_GUARD": False}):
+        with fresh_connection():
+            Item.objects.count()
+            kill_connection()
+            Item.objects.create(key="in-with")
+        job("in-job")
+        Item.objects.count()
+        kill_connection()  # outside any scope nothing guards it: Django's own failure
+        with pytest.raises(OperationalError):
+            Item.objects.create(key="unguarded")
+    connection.close()
+    assert sorted(r[0] for r in raw("SELECT `key` FROM testapp_item")) == ["in-job", "in-with"]
+
+
+async def _async_scope_body(key: str) -> None:
+    from django_dbkeepalive.testing import kill_connection
+
+    await Item.objects.acount()
+    await sync_to_async(kill_connection)()
+    await Item.objects.acreate(key=key)
+
+
+def test_async_scopes_guard_their_statements_when_the_automatic_guard_is_off(raw):
+    async def main() -> None:
+        async with fresh_connection():
+            await _async_scope_body("async-with")
+        await fresh_connection(_async_scope_body)("async-decorated")
+
+    with override_settings(DBKEEPALIVE={"AUTO_GUARD": False}):
+        asyncio.run(main())
+    assert sorted(r[0] for r in raw("SELECT `key` FROM testapp_item")) == [
+        "async-decorated",
+        "async-with",
+    ]
+
+
+def test_checks_inside_a_unit_of_work_keep_a_healthy_conn_max_age_0_connection(
+    server, conn_max_age
+):
+    from django_dbkeepalive import BaseKeepaliveCommand, refresh_connections
+
+    conn_max_age(0)
+    command = BaseKeepaliveCommand()
+    Item.objects.count()
+    before = server.connections_total()
+    for _ in range(20):
+        refresh_connections()
+        command.keepalive()
+        Item.objects.count()
+    assert server.connections_total() == before  # one connection, no reconnects
+    with fresh_connection():
+        Item.objects.count()
+    assert connection.connection is None  # the end of a unit of work releases it
