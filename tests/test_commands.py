@@ -137,7 +137,8 @@ def test_a_plain_command_interrupted_in_process_leaves_its_connection_open(raw, 
         connection.close()
 
 
-def test_sigint_during_a_pause_closes_the_connection_cleanly(raw, server, driver):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_during_a_pause_closes_the_connection_cleanly(raw, server, driver, signum):
     proc = manage("crawl", "--count", "3", "--pause", "30", "--prefix", "i-", driver=driver)
     try:
         assert proc.stdout is not None
@@ -148,14 +149,17 @@ def test_sigint_during_a_pause_closes_the_connection_cleanly(raw, server, driver
         aborted = aborted_clients(server)
         time.sleep(0.2)  # well inside the 30 s pause
         started = time.monotonic()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=15)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert time.monotonic() - started < 5  # it did not sit out the pause
-    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    if signum == signal.SIGINT:
+        assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    else:  # it still dies of SIGTERM, as a supervisor expects, after closing
+        assert proc.returncode == -signal.SIGTERM, err
     assert [key for key, _ in rows(raw)] == ["i-0"]
     assert gone(server, {tid})
     # Closed with COM_QUIT, not dropped by the kernel when the process died (a SIGKILLed
