@@ -473,6 +473,22 @@ def _lost_in_transaction(
         if limit is not None and wait is not None and wait < INF
         else "the server's wait_timeout is not known yet"
     )
+    if cause.kind == "fork":
+        # The parent process still holds the session and its transaction: it may well
+        # commit it. Redoing the work here would write it twice.
+        return ConnectionLostInTransaction(
+            f"The database connection {db.alias!r} was inherited from the parent process "
+            "inside a transaction: this process was forked inside transaction.atomic(). "
+            "The transaction belongs to the parent, which can still commit it, so this "
+            "process must not redo that work; its own statements cannot join the "
+            "transaction. django-dbkeepalive never reconnects inside a transaction: leave "
+            "the atomic block here (this process then gets its own connection). "
+            f"{cause.advice}",
+            alias=db.alias,
+            idle=idle,
+            limit=db._dbk_limit,
+            cause=cause.kind,
+        )
     if commit_unknown:
         outcome = (
             "The COMMIT was sent but its reply was lost, so whether the transaction was "
