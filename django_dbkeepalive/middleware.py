@@ -119,9 +119,13 @@ class KeepaliveMiddleware:
             return self.__acall__(request)
         wrappers = _start_request()
         try:
-            return self.get_response(request)
-        finally:
+            response = self.get_response(request)
+        except BaseException:
             _finish_request(request, wrappers)
+            raise
+        if not _finish_with(response, request, wrappers):
+            _finish_request(request, wrappers)
+        return response
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         # Connections belong to the thread the async ORM runs its queries in: the
@@ -129,6 +133,21 @@ class KeepaliveMiddleware:
         wrappers = await sync_to_async(_start_request, thread_sensitive=True)()
         try:
             response: HttpResponseBase = await self.get_response(request)
-            return response
-        finally:
+        except BaseException:
             await sync_to_async(_finish_request, thread_sensitive=True)(request, wrappers)
+            raise
+        if not _finish_with(response, request, wrappers):
+            await sync_to_async(_finish_request, thread_sensitive=True)(request, wrappers)
+        return response
+
+
+def _finish_with(response: HttpResponseBase, request: HttpRequest, wrappers: list[Any]) -> bool:
+    """For a streaming response, end the scope when the server closes the response
+    (after the last chunk was sent, or the client went away), not when the view
+    returns: the body's generator runs the queries. Django's own file responses close
+    their files the same way. ``False``: not streaming, end it now."""
+    closers = getattr(response, "_resource_closers", None)
+    if not getattr(response, "streaming", False) or not isinstance(closers, list):
+        return False
+    closers.append(lambda: _finish_request(request, wrappers))
+    return True

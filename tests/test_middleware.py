@@ -119,6 +119,19 @@ def test_without_the_middleware_and_auto_guard_off_a_long_request_fails(set_wait
 
 
 @override_settings(MIDDLEWARE=WITH_MIDDLEWARE, DBKEEPALIVE=GUARD_OFF)
+def test_with_auto_guard_off_the_middleware_guards_a_streamed_body_until_it_ends(
+    set_wait_timeout, raw
+):
+    set_wait_timeout(2)
+    response = Client().get("/stream/", {"sleep": "2.5", "key": "streamed"})
+    assert response.status_code == 200
+    # The body runs now, after the view returned: its write comes after the pause.
+    assert b"".join(response.streaming_content) == b"count 0\ndone\n"
+    assert keys(raw) == ["streamed"]
+    assert_unguarded()  # and the scope ended with the response
+
+
+@override_settings(MIDDLEWARE=WITH_MIDDLEWARE, DBKEEPALIVE=GUARD_OFF)
 def test_guarding_ends_with_the_request():
     assert Client().get("/items/").status_code == 200
     assert_unguarded()

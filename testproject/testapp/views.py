@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Iterator
 
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
 
 from .models import Item
 
@@ -55,3 +56,20 @@ async def async_long_view(request: HttpRequest) -> JsonResponse:
     await asyncio.sleep(sleep)
     await Item.objects.acreate(key=key)
     return JsonResponse({"count": count})
+
+
+def stream_view(request: HttpRequest) -> StreamingHttpResponse | JsonResponse:
+    """``/stream/?sleep=S&key=K``: a streamed body that counts, sleeps S seconds, then
+    creates Item(key=K), as an export that writes a log row when it is done."""
+    try:
+        sleep, key = _params(request)
+    except BadParams as exc:
+        return JsonResponse({"error": str(exc)}, status=400)
+
+    def body() -> Iterator[str]:
+        yield f"count {Item.objects.count()}\n"
+        time.sleep(sleep)
+        Item.objects.create(key=key)
+        yield "done\n"
+
+    return StreamingHttpResponse(body(), content_type="text/plain")
