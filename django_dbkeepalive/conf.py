@@ -8,6 +8,7 @@ connection opens, so the hot path never reads settings.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -46,27 +47,46 @@ RECOMMENDED_TIMEOUTS: dict[str, int] = {
 }
 TIMEOUT_NAMES = tuple(RECOMMENDED_TIMEOUTS)
 
+#: Upper bounds, so that a value validation accepts always works where it is used.
+#: ``MARGIN``, ``WAIT_TIMEOUT``, ``PEEK_AFTER``, ``PING_AFTER``: 365 days, the largest
+#: ``wait_timeout`` MySQL and MariaDB accept.
+MAX_SECONDS = 31_536_000
+#: ``CLIENT_TIMEOUTS`` values: libmariadb turns seconds into milliseconds in a C ``int``.
+MAX_CLIENT_TIMEOUT = 2_147_483
+#: ``TCP_KEEPALIVE``: the largest ``TCP_KEEPIDLE`` Linux accepts.
+MAX_TCP_KEEPALIVE = 32_767
+
 _ALLOWED = {
     "AUTO_GUARD": "True or False",
-    "MARGIN": "a number of seconds >= 0",
-    "WAIT_TIMEOUT": "None (read from the server) or a number of seconds > 0",
-    "PEEK_AFTER": "a number of seconds >= 0",
-    "PING_AFTER": "None (never ping) or a number of seconds >= 0",
+    "MARGIN": f"a number of seconds from 0 to {MAX_SECONDS}",
+    "WAIT_TIMEOUT": (
+        f"None (read from the server) or a number of seconds > 0 and at most {MAX_SECONDS}"
+    ),
+    "PEEK_AFTER": f"a number of seconds from 0 to {MAX_SECONDS}",
+    "PING_AFTER": f"None (never ping) or a number of seconds from 0 to {MAX_SECONDS}",
     "RETRY_READS": "True or False",
     "CLIENT_TIMEOUTS": (
         "None or False (leave the driver's timeouts alone), True (the recommended "
         "values), or a dict of 'connect_timeout', 'read_timeout', 'write_timeout' "
-        "to whole seconds > 0"
+        f"to whole seconds from 1 to {MAX_CLIENT_TIMEOUT}"
     ),
-    "TCP_KEEPALIVE": "None or False (off), or whole seconds > 0 of idle before TCP probes",
-    "DATABASES": "a dict mapping database aliases to dicts of the keys above",
+    "TCP_KEEPALIVE": (
+        "None or False (off), or whole seconds of idle before TCP probes, "
+        f"from 1 to {MAX_TCP_KEEPALIVE}"
+    ),
+    "DATABASES": (
+        "a dict mapping database aliases to dicts of per-alias settings (any key but DATABASES)"
+    ),
 }
+_ALLOWED_TIMEOUT = f"whole seconds from 1 to {MAX_CLIENT_TIMEOUT}"
 
 
 @dataclass(frozen=True)
 class Problem:
-    """One thing wrong with ``DBKEEPALIVE``; ``key`` is the dotted path to it and ``id``
-    the system check ID of its kind (``dbkeepalive.E001`` ... ``E004``)."""
+    """One thing wrong with ``DBKEEPALIVE``; ``key`` is the path to it below the setting
+    (``"MARGIN"``, ``"DATABASES['default']['MARGIN']"``; ``""`` for the setting itself) and
+    ``id`` the system check ID of its kind (``dbkeepalive.E001`` ... ``E004``). Messages
+    write the path as Python: ``DBKEEPALIVE['DATABASES']['default']['MARGIN']``."""
 
     key: str
     message: str
@@ -91,56 +111,113 @@ class AliasSettings:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_whole_seconds(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _timeouts_ok(value: object) -> bool:
-    if value is None or isinstance(value, bool):
-        return True
-    if not isinstance(value, Mapping):
+    """A finite int or float (not a bool): ``inf``, ``nan`` and ints too large for a
+    float are not numbers of seconds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
-    return all(k in TIMEOUT_NAMES and _is_whole_seconds(v) for k, v in value.items())
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float range (10**400)
+        return False
 
 
-def _check_value(key: str, value: object, path: str) -> Problem | None:
-    ok: bool
-    if key == "CLIENT_TIMEOUTS":
-        ok = _timeouts_ok(value)
-    elif key == "TCP_KEEPALIVE":
-        ok = value is None or value is False or _is_whole_seconds(value)
-    elif key in ("AUTO_GUARD", "RETRY_READS"):
-        ok = isinstance(value, bool)
-    elif key in ("MARGIN", "PEEK_AFTER"):
-        ok = _is_number(value) and value >= 0  # type: ignore[operator]
-    elif key == "PING_AFTER":
-        ok = value is None or (_is_number(value) and value >= 0)  # type: ignore[operator]
-    elif key == "WAIT_TIMEOUT":
-        ok = value is None or (_is_number(value) and value > 0)  # type: ignore[operator]
-    else:  # pragma: no cover - callers pass known keys only
-        ok = True
-    if ok:
-        return None
+def _in_range(value: object, low: float, high: float, *, low_open: bool = False) -> bool:
+    if not _is_number(value):
+        return False
+    number: float = value  # type: ignore[assignment]
+    return (number > low if low_open else number >= low) and number <= high
+
+
+def _is_whole_seconds(value: object, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= high
+
+
+def path_text(path: tuple[object, ...]) -> str:
+    """``DBKEEPALIVE['DATABASES']['default']['MARGIN']`` for ``('DATABASES', 'default',
+    'MARGIN')``: where a value is, written as Python."""
+    return SETTING_NAME + "".join(f"[{part!r}]" for part in path)
+
+
+def type_text(value: object) -> str:
+    """``None``, ``an int``, ``a str``: what ``value`` is, for a message."""
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
+def _value_text(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}... ({type_text(value)})"
+
+
+def _key_text(path: tuple[object, ...]) -> str:
+    # Problem.key: "MARGIN", "DATABASES['default']['MARGIN']" (the path below DBKEEPALIVE).
+    if not path:
+        return ""
+    head, *rest = path
+    return str(head) + "".join(f"[{part!r}]" for part in rest)
+
+
+def _invalid(
+    path: tuple[object, ...], value: object, allowed: str, default: object, hint: str = ""
+) -> Problem:
+    where = path_text(path)
     return Problem(
-        path,
-        f"{SETTING_NAME}[{path}] is {value!r}; it must be {_ALLOWED[key]}.",
-        f"Set {SETTING_NAME}[{path}] to {_ALLOWED[key]}, or remove it to use the "
-        f"default ({DEFAULTS[key]!r}).",
+        _key_text(path),
+        f"{where} is {_value_text(value)}; it must be {allowed}.",
+        hint or f"Set {where} to {allowed}, or remove it to use the default ({default!r}).",
         E_INVALID_VALUE,
     )
 
 
-def _unknown_key(key: object, path: str, allowed: list[str]) -> Problem:
+def _timeouts_problems(value: object, path: tuple[object, ...]) -> list[Problem]:
+    if value is None or isinstance(value, bool):
+        return []
+    if not isinstance(value, Mapping):
+        return [_invalid(path, value, _ALLOWED["CLIENT_TIMEOUTS"], DEFAULTS["CLIENT_TIMEOUTS"])]
+    problems = []
+    for name, item in value.items():
+        where = (*path, name)
+        if name not in TIMEOUT_NAMES:
+            # E003, not E002: the key is valid, its value (this dict) is not.
+            problems.append(_unknown_key(name, path, list(TIMEOUT_NAMES), E_INVALID_VALUE))
+        elif not _is_whole_seconds(item, MAX_CLIENT_TIMEOUT):
+            example = RECOMMENDED_TIMEOUTS[str(name)]
+            hint = f"Set {path_text(where)} to {_ALLOWED_TIMEOUT} (e.g. {example}), or remove it."
+            problems.append(_invalid(where, item, _ALLOWED_TIMEOUT, None, hint))
+    return problems
+
+
+def _check_value(key: str, value: object, path: tuple[object, ...]) -> list[Problem]:
+    ok: bool
+    if key == "CLIENT_TIMEOUTS":
+        return _timeouts_problems(value, path)
+    if key == "TCP_KEEPALIVE":
+        ok = value is None or value is False or _is_whole_seconds(value, MAX_TCP_KEEPALIVE)
+    elif key in ("AUTO_GUARD", "RETRY_READS"):
+        ok = isinstance(value, bool)
+    elif key in ("MARGIN", "PEEK_AFTER"):
+        ok = _in_range(value, 0, MAX_SECONDS)
+    elif key == "PING_AFTER":
+        ok = value is None or _in_range(value, 0, MAX_SECONDS)
+    elif key == "WAIT_TIMEOUT":
+        ok = value is None or _in_range(value, 0, MAX_SECONDS, low_open=True)
+    else:  # pragma: no cover - callers pass known keys only
+        ok = True
+    return [] if ok else [_invalid(path, value, _ALLOWED[key], DEFAULTS[key])]
+
+
+def _unknown_key(
+    key: object, path: tuple[object, ...], allowed: list[str], check_id: str = E_UNKNOWN_KEY
+) -> Problem:
     close = difflib.get_close_matches(str(key), allowed, n=1)
     hint = f"Did you mean {close[0]!r}? " if close else ""
     return Problem(
-        path,
-        f"{SETTING_NAME} has an unknown key {path!r}.",
+        _key_text((*path, key)),
+        f"{path_text(path)} has an unknown key {key!r}.",
         f"{hint}Valid keys: {', '.join(allowed)}.",
-        E_UNKNOWN_KEY,
+        check_id,
     )
 
 
@@ -156,7 +233,7 @@ def find_problems(value: object, aliases: list[str] | None = None) -> list[Probl
         return [
             Problem(
                 "",
-                f"{SETTING_NAME} is a {type(value).__name__}; it must be a dict.",
+                f"{SETTING_NAME} is {type_text(value)}; it must be a dict.",
                 f"Set {SETTING_NAME} = {{...}} with keys among {', '.join(_ALLOWED)}.",
                 E_NOT_A_DICT,
             )
@@ -165,13 +242,11 @@ def find_problems(value: object, aliases: list[str] | None = None) -> list[Probl
     top_keys = [*DEFAULTS, *TOP_LEVEL_ONLY]
     for key, item in value.items():
         if key not in top_keys:
-            problems.append(_unknown_key(key, str(key), top_keys))
+            problems.append(_unknown_key(key, (), top_keys))
         elif key == "DATABASES":
             problems.extend(_alias_problems(item, aliases))
         else:
-            problem = _check_value(key, item, key)
-            if problem:
-                problems.append(problem)
+            problems.extend(_check_value(key, item, (key,)))
     return problems
 
 
@@ -180,7 +255,7 @@ def _alias_problems(value: object, aliases: list[str] | None) -> list[Problem]:
         return [
             Problem(
                 "DATABASES",
-                f"{SETTING_NAME}['DATABASES'] is a {type(value).__name__}; "
+                f"{path_text(('DATABASES',))} is {type_text(value)}; "
                 f"it must be {_ALLOWED['DATABASES']}.",
                 f"Example: {SETTING_NAME} = {{'DATABASES': {{'default': {{'MARGIN': 10}}}}}}.",
                 E_INVALID_VALUE,
@@ -188,12 +263,13 @@ def _alias_problems(value: object, aliases: list[str] | None) -> list[Problem]:
         ]
     problems = []
     for alias, overrides in value.items():
-        where = f"DATABASES[{alias!r}]"
+        path = ("DATABASES", alias)
+        where = path_text(path)
         if aliases is not None and alias not in aliases:
             problems.append(
                 Problem(
-                    where,
-                    f"{SETTING_NAME}[{where}] names the database alias {alias!r}, "
+                    _key_text(path),
+                    f"{where} names the database alias {alias!r}, "
                     "which is not in settings.DATABASES.",
                     f"Configured aliases: {', '.join(aliases) or '(none)'}. Fix the "
                     "alias or remove the entry.",
@@ -203,21 +279,18 @@ def _alias_problems(value: object, aliases: list[str] | None) -> list[Problem]:
         if not isinstance(overrides, Mapping):
             problems.append(
                 Problem(
-                    where,
-                    f"{SETTING_NAME}[{where}] is a {type(overrides).__name__}; it must be a dict.",
+                    _key_text(path),
+                    f"{where} is {type_text(overrides)}; it must be a dict.",
                     f"Use keys among {', '.join(DEFAULTS)}.",
                     E_INVALID_VALUE,
                 )
             )
             continue
         for key, item in overrides.items():
-            path = f"{where}[{key!r}]"
             if key not in DEFAULTS:
                 problems.append(_unknown_key(key, path, list(DEFAULTS)))
             else:
-                problem = _check_value(key, item, path)
-                if problem:
-                    problems.append(problem)
+                problems.extend(_check_value(key, item, (*path, key)))
     return problems
 
 
@@ -240,16 +313,34 @@ class Settings:
         """Every problem in the current ``DBKEEPALIVE`` (``[]`` when it is valid)."""
         return find_problems(getattr(settings, SETTING_NAME, None), list(settings.DATABASES))
 
-    def for_alias(self, alias: str) -> AliasSettings:
-        """The settings in force for ``alias``: defaults, top level, then overrides."""
+    def _merged(self, alias: str) -> dict[str, Any]:
+        """Defaults, then the top level, then ``alias``'s overrides; a value that
+        validation rejects is left out, so its default (or the top level's) applies."""
         raw = self.raw
         merged = dict(DEFAULTS)
-        merged.update({k: v for k, v in raw.items() if k in DEFAULTS})
+
+        def add(values: Mapping[Any, Any]) -> None:
+            for key, value in values.items():
+                if key in DEFAULTS and not _check_value(key, value, (key,)):
+                    merged[key] = value
+
+        add(raw)
         overrides = raw.get("DATABASES", {})
         if isinstance(overrides, Mapping):
             alias_overrides = overrides.get(alias, {})
             if isinstance(alias_overrides, Mapping):
-                merged.update({k: v for k, v in alias_overrides.items() if k in DEFAULTS})
+                add(alias_overrides)
+        return merged
+
+    def for_alias(self, alias: str) -> AliasSettings:
+        """The settings in force for ``alias``: defaults, top level, then overrides.
+
+        Never raises. A value that :meth:`problems` reports (possible only when the
+        setting changed after startup, since ``validate()`` refuses it at startup) is
+        ignored, so its default applies: the guard goes on working while the checks
+        report the problem.
+        """
+        merged = self._merged(alias)
         return AliasSettings(
             auto_guard=bool(merged["AUTO_GUARD"]),
             margin=float(merged["MARGIN"]),
@@ -262,6 +353,11 @@ class Settings:
             client_timeouts=_client_timeouts(merged["CLIENT_TIMEOUTS"]),
             tcp_keepalive=int(merged["TCP_KEEPALIVE"]) if merged["TCP_KEEPALIVE"] else None,
         )
+
+    def client_timeouts_for(self, alias: str) -> Mapping[str, int] | None:
+        """The timeouts ``CLIENT_TIMEOUTS`` adds for ``alias`` where ``OPTIONS`` has
+        none (``None`` when it adds none)."""
+        return self.for_alias(alias).client_timeouts
 
 
 def _client_timeouts(value: object) -> Mapping[str, int] | None:
