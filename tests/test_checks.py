@@ -8,9 +8,11 @@ import io
 import re
 import socket
 import sys
+import threading
 import time
 import types
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +22,14 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from django.db import connection, connections
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.test import override_settings
 
 from django_dbkeepalive import checks
 from django_dbkeepalive.checks import CHECK_IDS, MIDDLEWARE_PATH, REGISTRY, TAG
 from django_dbkeepalive.conf import conf
 
-from .conftest import close_connections
+from .conftest import close_connections, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -36,16 +39,33 @@ ID_PATTERN = re.compile(r"dbkeepalive\.[EWI]\d{3}")
 
 
 def _ensure_connection(self: Any) -> None:
-    """``BaseDatabaseWrapper.ensure_connection`` without the test case's alias guard.
-
-    Django's test case (and pytest-django's blocker) let a test use only the aliases
-    it declared when it started, by patching ``BaseDatabaseWrapper.ensure_connection``.
-    These tests add aliases while they run (an unreachable server, another vendor), so
-    the wrappers of those get Django's plain behaviour back as an instance attribute.
-    """
+    """``BaseDatabaseWrapper.ensure_connection`` without the test case's alias guard."""
     if self.connection is None:
         with self.wrap_database_errors:
             self.connect()
+
+
+@contextlib.contextmanager
+def allowed_alias(alias: str) -> Iterator[None]:
+    """Let this test connect to ``alias``, which it adds while it runs.
+
+    Django's test case (and pytest-django's blocker) let a test use only the aliases it
+    declared when it started, by patching ``BaseDatabaseWrapper.ensure_connection``.
+    The checks connect through wrappers of their own (one per check), so the patched
+    method gets Django's plain behaviour back for ``alias`` for the block.
+    """
+    guarded = BaseDatabaseWrapper.ensure_connection
+
+    def ensure_connection(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.alias == alias:
+            return _ensure_connection(self)
+        return guarded(self, *args, **kwargs)
+
+    BaseDatabaseWrapper.ensure_connection = ensure_connection  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        BaseDatabaseWrapper.ensure_connection = guarded  # type: ignore[method-assign]
 
 
 # --------------------------------------------------------------------- helpers
@@ -70,10 +90,9 @@ def extra_alias(alias: str, **changes: Any) -> Iterator[str]:
     new = copy.deepcopy(connections["default"].settings_dict)
     new.update(changes)
     connections.settings[alias] = new
-    db = connections[alias]
-    db.ensure_connection = types.MethodType(_ensure_connection, db)
     try:
-        yield alias
+        with allowed_alias(alias):
+            yield alias
     finally:
         for db in connections.all(initialized_only=True):
             if db.alias == alias:
@@ -117,6 +136,104 @@ def other_vendor_alias(alias: str = "other") -> Iterator[str]:
             yield alias
     finally:
         del sys.modules["dbk_other_backend.base"], sys.modules["dbk_other_backend"]
+
+
+@dataclass
+class SilentServer:
+    """A TCP server that accepts connections and never sends a byte (a hung server, or
+    a proxy whose server is gone)."""
+
+    port: int
+    accepted: list[socket.socket] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[SilentServer]:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.05)
+    silent = SilentServer(int(listener.getsockname()[1]))
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            silent.accepted.append(conn)
+
+    thread = threading.Thread(target=accept, name="silent-server", daemon=True)
+    thread.start()
+    try:
+        yield silent
+    finally:
+        stop.set()
+        thread.join()
+        for conn in silent.accepted:
+            conn.close()
+        listener.close()
+
+
+def bounded(call: Any, seconds: float) -> Any:
+    """``call()``, run in a thread: fails (instead of hanging the test run) when it
+    takes longer than ``seconds``."""
+    result: list[Any] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(call())
+        except BaseException as exc:  # re-raised in the test's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="bounded", daemon=True)
+    started = time.monotonic()
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still waiting after {seconds} s"
+    if errors:
+        raise errors[0]
+    assert time.monotonic() - started < seconds
+    return result[0]
+
+
+#: A backend like Django's MySQL one in an environment without its driver: importing
+#: its ``base`` module raises what ``django.db.backends.mysql.base`` raises there.
+NO_DRIVER_BASE = """
+from django.core.exceptions import ImproperlyConfigured
+
+try:
+    import dbk_mysqldb_not_installed as Database  # noqa: F401
+except ImportError as err:
+    raise ImproperlyConfigured(
+        "Error loading MySQLdb module.\\nDid you install mysqlclient?"
+    ) from err
+"""
+
+
+@contextlib.contextmanager
+def no_driver_alias(tmp_path: Path, alias: str = "nodriver") -> Iterator[str]:
+    """An alias whose ENGINE (``dbk_nodriver.mysql``) fails to load for want of a driver."""
+    backend = tmp_path / "dbk_nodriver" / "mysql"
+    backend.mkdir(parents=True)
+    (tmp_path / "dbk_nodriver" / "__init__.py").write_text("")
+    (backend / "__init__.py").write_text("")
+    (backend / "base.py").write_text(NO_DRIVER_BASE)
+    sys.path.insert(0, str(tmp_path))
+    new = copy.deepcopy(connections["default"].settings_dict)
+    new["ENGINE"] = "dbk_nodriver.mysql"
+    connections.settings[alias] = new
+    try:
+        yield alias
+    finally:
+        del connections.settings[alias]
+        sys.path.remove(str(tmp_path))
+        for name in [m for m in sys.modules if m.startswith("dbk_nodriver")]:
+            del sys.modules[name]
 
 
 def ids(messages: list[Any]) -> list[str]:
@@ -168,10 +285,13 @@ def test_every_check_id_is_unique_well_formed_and_documented():
     docs = (ROOT / "docs" / "checks.md").read_text()
     documented = re.findall(r"^#+\s*`?(dbkeepalive\.[EWI]\d{3})", docs, re.MULTILINE)
     assert sorted(documented) == sorted(CHECK_IDS), "docs/checks.md: one heading per ID"
+
+
+def test_the_readmes_check_table_lists_every_id():
     readme = ROOT / "README.md"
     if readme.exists() and "dbkeepalive.W001" in readme.read_text():
         missing = [i for i in CHECK_IDS if i not in readme.read_text()]
-        assert not missing, f"README.md does not document {missing}"
+        assert not missing, f"README.md's System checks table does not list {missing}"
 
 
 def test_every_id_the_code_emits_is_registered_and_every_registered_id_is_emitted():
@@ -211,7 +331,14 @@ def test_manage_py_check_database_reports_nothing_of_ours_on_a_good_setup():
         (["MARGIN"], "dbkeepalive.E001", "must be a dict"),
         ({"MARGN": 3}, "dbkeepalive.E002", "Did you mean 'MARGIN'"),
         ({"DATABASES": {"default": {"PING_AFTR": 1}}}, "dbkeepalive.E002", "'PING_AFTER'"),
-        ({"MARGIN": -1}, "dbkeepalive.E003", "DBKEEPALIVE[MARGIN] is -1"),
+        ({"MARGIN": -1}, "dbkeepalive.E003", "DBKEEPALIVE['MARGIN'] is -1"),
+        ({"MARGIN": float("inf")}, "dbkeepalive.E003", "DBKEEPALIVE['MARGIN'] is inf"),
+        ({"TCP_KEEPALIVE": 40000}, "dbkeepalive.E003", "from 1 to 32767"),
+        (
+            {"DATABASES": {"default": {"PING_AFTER": -1}}},
+            "dbkeepalive.E003",
+            "DBKEEPALIVE['DATABASES']['default']['PING_AFTER'] is -1",
+        ),
         ({"WAIT_TIMEOUT": "300"}, "dbkeepalive.E003", "WAIT_TIMEOUT"),
         ({"DATABASES": ["default"]}, "dbkeepalive.E003", "DATABASES"),
         ({"DATABASES": {"default": 5}}, "dbkeepalive.E003", "it must be a dict"),
@@ -244,7 +371,7 @@ def test_manage_py_check_fails_on_an_invalid_setting_with_the_id():
     ):
         call_command("check", stdout=io.StringIO(), stderr=io.StringIO())
     assert "dbkeepalive.E003" in str(caught.value)
-    assert "DBKEEPALIVE[MARGIN] is 'five'" in str(caught.value)
+    assert "DBKEEPALIVE['MARGIN'] is 'five'" in str(caught.value)
 
 
 # ------------------------------------------------------------------------ server
@@ -295,6 +422,9 @@ def test_the_session_wait_timeout_is_the_effective_one(default_settings, monkeyp
         close_connections()
     assert ids(found) == ["dbkeepalive.W001"]
     assert "wait_timeout of 40 s (session wait_timeout 40 s; GLOBAL wait_timeout" in found[0].msg
+    assert found[0].hint.startswith("Set DATABASES['default']['CONN_MAX_AGE'] below 40 s (e.g. 35")
+    assert "DATABASES['default']['OPTIONS']['init_command']" in found[0].hint
+    assert "on the server" not in found[0].hint
 
 
 def test_margin_not_below_wait_timeout_warns(set_wait_timeout):
@@ -302,9 +432,13 @@ def test_margin_not_below_wait_timeout_warns(set_wait_timeout):
     with override_settings(DBKEEPALIVE={"MARGIN": 10}):
         found = ours(["default"])
     assert ids(found) == ["dbkeepalive.W002"]
-    assert "MARGIN (10 s) is not below the wait_timeout (8 s)" in found[0].msg
-    assert "idle limit 4 s" in found[0].msg
-    assert "DBKEEPALIVE['MARGIN']" in found[0].hint
+    assert (
+        "DBKEEPALIVE['MARGIN'] (10 s) is not below the server's wait_timeout (8 s)" in found[0].msg
+    )
+    assert "idle limit 4 s = 8 s - min(margin 10 s, half)" in found[0].msg
+    assert found[0].hint == (
+        "Lower DBKEEPALIVE['MARGIN'] below 8 s (e.g. 2 s), or raise wait_timeout on the server."
+    )
     with override_settings(DBKEEPALIVE={"MARGIN": 7}):
         assert ours(["default"]) == []
 
@@ -314,8 +448,14 @@ def test_margin_is_compared_with_a_configured_wait_timeout():
     with override_settings(DBKEEPALIVE=value):
         found = ours(["default"])
     assert ids(found) == ["dbkeepalive.W002"]
-    assert "DBKEEPALIVE WAIT_TIMEOUT (4 s)" in found[0].msg
-    assert "DBKEEPALIVE['DATABASES']['default']['MARGIN']" in found[0].hint
+    assert "not below the DBKEEPALIVE['DATABASES']['default']['WAIT_TIMEOUT'] (4 s)" in (
+        found[0].msg
+    )
+    hint = found[0].hint
+    assert hint.startswith("Lower DBKEEPALIVE['DATABASES']['default']['MARGIN'] below 4 s")
+    # The timeout is the setting: raising the server's wait_timeout would change nothing.
+    assert "on the server" not in hint
+    assert "raise DBKEEPALIVE['DATABASES']['default']['WAIT_TIMEOUT'] up to" in hint
 
 
 def test_configured_wait_timeout_above_the_servers_warns(set_wait_timeout):
@@ -325,9 +465,28 @@ def test_configured_wait_timeout_above_the_servers_warns(set_wait_timeout):
     assert ids(found) == ["dbkeepalive.W003"]
     assert "DBKEEPALIVE['WAIT_TIMEOUT'] is 600 s" in found[0].msg
     assert "after 300 s" in found[0].msg
+    assert "its idle limit is 595 s = 600 s - margin 5 s, not below the server's 300 s" in (
+        found[0].msg
+    )
     assert "300 s or less" in found[0].hint
     with override_settings(DBKEEPALIVE={"WAIT_TIMEOUT": 300}):
         assert ours(["default"]) == []
+
+
+def test_configured_wait_timeout_above_the_servers_is_fine_while_its_limit_is_below(
+    set_wait_timeout,
+):
+    # The guard replaces connections idle over 40 - 15 = 25 s: before the server's 30 s.
+    set_wait_timeout(30)
+    with override_settings(DBKEEPALIVE={"WAIT_TIMEOUT": 40, "MARGIN": 15}):
+        assert ours(["default"]) == []
+    # 60 - min(60, half) = 30 s: not below the server's 30 s.
+    value = {"DATABASES": {"default": {"WAIT_TIMEOUT": 60, "MARGIN": 60}}}
+    with override_settings(DBKEEPALIVE=value):
+        found = by_id(ours(["default"]), "dbkeepalive.W003")
+    assert len(found) == 1
+    assert "its idle limit is 30 s = 60 s - min(margin 60 s, half)" in found[0].msg
+    assert "connections idle up to 30 s that the server closes after 30 s" in found[0].msg
 
 
 def test_small_max_allowed_packet_warns_and_says_why(packet_size):
@@ -355,12 +514,16 @@ def test_unreachable_server_gives_one_clear_warning_and_no_password(server):
     assert server.password not in text_of(found)
 
 
-def test_wrong_password_is_reported_without_it(server):
+def test_wrong_password_is_an_error_naming_user_and_password_not_an_unreachable_server(server):
     wrong = "wrong-" + server.password
     with extra_alias("badpass", PASSWORD=wrong) as alias:
         found = ours([alias])
-    assert ids(found) == ["dbkeepalive.W005"]
+    assert ids(found) == ["dbkeepalive.E006"]
+    assert "the server at 127.0.0.1:" in found[0].msg
+    assert "refused the login" in found[0].msg
     assert "1045" in found[0].msg
+    assert f"DATABASES['badpass']['USER'] ({server.user!r})" in found[0].hint
+    assert "DATABASES['badpass']['PASSWORD']" in found[0].hint
     assert wrong not in text_of(found)
     assert server.password not in text_of(found)
 
@@ -396,26 +559,26 @@ def test_split_aliases_filters_by_vendor():
         assert checks.split_aliases([other, "default", "nope"]) == (["default"], [other])
 
 
-# --------------------------------------------------------- the guard's view
+# ------------------------------------------------- the checks' own connection
 
 
-def test_check_reuses_an_open_connection_and_closes_only_one_it_opened(server):
+def test_check_never_touches_this_threads_connection(server):
     close_connections()
     assert ours(["default"]) == []
-    assert connection.connection is None  # opened for the check, closed again
+    assert connection.connection is None  # nothing opened on the thread's wrapper
     connection.ensure_connection()
     before = connection.connection
+    thread_id = current_thread_id()
     assert ours(["default"]) == []
-    assert connection.connection is before  # left open
+    assert connection.connection is before  # left open, and still the same session
+    assert current_thread_id() == thread_id
 
 
 def kill_default_connection(server) -> int:
     connection.ensure_connection()
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT CONNECTION_ID()")
-        (thread_id,) = cursor.fetchone()
+    thread_id = current_thread_id()
     server.kill(thread_id)
-    return int(thread_id)
+    return thread_id
 
 
 def current_thread_id() -> int:
@@ -424,21 +587,19 @@ def current_thread_id() -> int:
         return int(cursor.fetchone()[0])
 
 
-def test_check_on_a_killed_connection_goes_through_the_guard(server):
-    killed = kill_default_connection(server)
-    time.sleep(0.3)  # past PEEK_AFTER: the guard sees the closed socket and reconnects
-    assert ours(["default"]) == []
-    assert connection.connection is not None
-    assert current_thread_id() != killed
-
-
 def test_check_right_after_a_kill_is_not_an_unreachable_server(server):
-    # Within PEEK_AFTER of the last statement the guard does not look at the socket;
-    # the query fails with 2013 and reads session variables, which the guard rightly
-    # does not re-run. The check replaces the stale connection once itself.
-    killed = kill_default_connection(server)
+    # The thread's connection is dead, but the check does not use it: it makes one of
+    # its own, and only one.
+    kill_default_connection(server)
+    before = server.connections_total()
     assert ours(["default"]) == []
-    assert current_thread_id() != killed
+    assert server.connections_total() == before + 1
+
+
+def test_the_checks_connection_is_closed_again(server):
+    before = len(server.processlist(user=server.user))
+    assert ours(["default"]) == []
+    assert wait_for(lambda: len(server.processlist(user=server.user)) <= before)
 
 
 # ---------------------------------------------------------------- configuration
@@ -547,3 +708,306 @@ def test_no_message_ever_contains_the_password(default_settings, monkeypatch, se
     assert "dbkeepalive.W005" in ids(found)
     assert "dbkeepalive.E003" in ids(found)
     assert server.password not in text_of(found)
+
+
+# ------------------------------------------------------------------ passwords
+
+
+@pytest.mark.parametrize(
+    "password, text, expected",
+    [
+        # Long: masked as a whole token, not inside a longer word.
+        ("s3cret-Pw", "using s3cret-Pw or 's3cret-Pw'", "using ******** or '********'"),
+        ("hunter22", "user:hunter22@db, xhunter22y", "user:********@db, xhunter22y"),
+        # Short: only where it stands as a value.
+        ("a", "OperationalError (using password: YES) 'a' \"a\"", None),
+        ("1", "(1045, 'Access denied for user'@'127.0.0.1')", None),
+        ("1", "mysql://app:1@db/app, password=1 x=12 '1'", "mysql://app:********@db/app, "),
+    ],
+)
+def test_passwords_are_masked_only_where_they_stand_as_a_value(password, text, expected):
+    masked = checks.mask_secrets(text, {"PASSWORD": password})
+    if password == "a":
+        assert masked == "OperationalError (using password: YES) '********' \"********\""
+    elif expected is None:
+        assert masked == text  # nothing in it is the password
+    elif password == "1":
+        assert masked == "mysql://app:********@db/app, password=******** x=12 '********'"
+    else:
+        assert masked == expected
+
+
+@pytest.mark.parametrize("password", ["a", "1", "YES"])
+def test_a_short_wrong_password_leaves_the_error_readable(server, password):
+    with extra_alias("short", PASSWORD=password) as alias:
+        [found] = by_id(ours([alias]), "dbkeepalive.E006")
+    # Nothing garbled ("Oper********tion"), no digit of the host masked.
+    assert "OperationalError: (1045, " in found.msg
+    assert "127.0.0.1" in found.msg
+    assert "using password: YES" in found.msg
+    assert "********" not in found.msg
+
+
+def test_every_password_option_is_masked_whatever_its_case(server):
+    secret = "Passwd-Upper-Case"
+    options = {"connect_timeout": 2, "read_timeout": 5, "PASSWD": secret}
+    with extra_alias("upper", OPTIONS=options) as alias:
+        found = ours([alias])
+        text = checks.mask_secrets(f"{secret} and {secret!r}", connections.settings[alias])
+    assert text == "******** and '********'"
+    assert secret not in text_of(found)
+
+
+# ------------------------------------------------------ bounded connections
+
+
+def test_diagnostic_settings_cap_timeouts_and_keep_smaller_ones():
+    options = {"connect_timeout": 2, "read_timeout": 600, "write_timeout": 0, "charset": "x"}
+    original = {"NAME": "app", "OPTIONS": options}
+    bounded = checks.diagnostic_settings(original, cap=10)
+    assert bounded["OPTIONS"] == {
+        "connect_timeout": 2,  # the user's smaller value
+        "read_timeout": 10,
+        "write_timeout": 10,  # 0 is no timeout
+        "charset": "x",
+    }
+    assert bounded["NAME"] == "app"
+    assert original == {"NAME": "app", "OPTIONS": options}  # nothing changed
+    assert options["read_timeout"] == 600
+    # A float stays a float (mysqlclient rejects it as it would in production); what is
+    # not a number is left for the driver to reject; None and negatives are capped.
+    odd = {"OPTIONS": {"connect_timeout": 20.5, "read_timeout": "5", "write_timeout": None}}
+    assert checks.diagnostic_settings(odd, cap=10)["OPTIONS"] == {
+        "connect_timeout": 10.0,
+        "read_timeout": "5",
+        "write_timeout": 10,
+    }
+    # CLIENT_TIMEOUTS' smaller values count, except where an option file is read.
+    extra = {"connect_timeout": 3, "read_timeout": 4}
+    assert checks.diagnostic_settings({"OPTIONS": {}}, extra, cap=10)["OPTIONS"] == {
+        "connect_timeout": 3,
+        "read_timeout": 4,
+        "write_timeout": 10,
+    }
+    with_file = {"OPTIONS": {"read_default_file": "/etc/my.cnf"}}
+    assert checks.diagnostic_settings(with_file, extra, cap=10)["OPTIONS"] == {
+        "read_default_file": "/etc/my.cnf",
+        "connect_timeout": 10,
+        "read_timeout": 10,
+        "write_timeout": 10,
+    }
+
+
+def test_a_server_that_accepts_but_never_answers_cannot_hang_the_check(monkeypatch, driver):
+    # No read_timeout: PyMySQL would wait for the server's greeting forever, and
+    # mysqlclient for connect_timeout (here 30 s).
+    monkeypatch.setattr(checks, "DIAGNOSTIC_TIMEOUT", 1)
+    options = {"connect_timeout": 30}
+    with (
+        silent_server() as silent,
+        extra_alias("hung", HOST="127.0.0.1", PORT=silent.port, OPTIONS=options) as alias,
+    ):
+        settings_dict = connections.settings[alias]
+        found = bounded(lambda: ours([alias]), seconds=6)
+        # The alias's settings (shared with django.db.connections) are unchanged.
+        assert settings_dict["OPTIONS"] is options
+        assert options == {"connect_timeout": 30}
+    assert silent.accepted, "the server accepted the connection"
+    [warning] = by_id(found, "dbkeepalive.W005")
+    assert f"could not connect to the server at 127.0.0.1:{silent.port}" in warning.msg
+    assert "(2013, " in warning.msg
+    assert "accepted, then lost or not answered in time during the login" in warning.msg
+
+
+# ---------------------------------------------- errors that are not the network
+
+
+GOOD_OPTIONS = {"connect_timeout": 5, "read_timeout": 30, "write_timeout": 30}
+
+
+@pytest.mark.parametrize(
+    "changes, message, hint",
+    [
+        (
+            {"CONN_MAX_AGE": "60"},
+            "fails because of the alias's settings, not the network (TypeError: ",
+            "DATABASES['bad']['CONN_MAX_AGE'] is '60' (a str): it must be a number",
+        ),
+        (
+            {"OPTIONS": {**GOOD_OPTIONS, "init_command": "SET SESSION wait_timeout = nope"}},
+            "rejected a statement run while connecting (OperationalError: (1232, ",
+            "Fix DATABASES['bad']['OPTIONS']['init_command'] ('SET SESSION wait_timeout = nope').",
+        ),
+        (
+            {"NAME": "no_such_database"},
+            "has no database 'no_such_database' (OperationalError: (1049, ",
+            "Check DATABASES['bad']['NAME'] ('no_such_database')",
+        ),
+        (
+            {"OPTIONS": {**GOOD_OPTIONS, "PASSWD": "opt-secret-1"}},
+            "fails because of the alias's settings, not the network (TypeError: ",
+            "DATABASES['bad']['OPTIONS'] has 'PASSWD', which ",
+        ),
+    ],
+)
+def test_connection_errors_that_are_not_the_network_name_the_setting_to_fix(
+    server, changes, message, hint
+):
+    with extra_alias("bad", **changes) as alias:
+        found = ours([alias])
+        out, err = io.StringIO(), io.StringIO()
+        with pytest.raises(SystemCheckError) as caught:
+            call_command("check", "--database", alias, "--tag", TAG, stdout=out, stderr=err)
+    [error] = by_id(found, "dbkeepalive.E006")
+    assert "dbkeepalive.W005" not in ids(found)
+    assert error.msg.startswith("Database 'bad': ")
+    assert message in error.msg
+    assert hint in error.hint
+    assert "opt-secret-1" not in text_of(found)
+    # `manage.py check --database` fails on it, with the message and no traceback.
+    assert "(dbkeepalive.E006)" in str(caught.value)
+    assert "Traceback" not in str(caught.value) + out.getvalue() + err.getvalue()
+
+
+def test_fractional_timeouts_are_a_settings_error_with_mysqlclient_only(server, driver):
+    options = {**GOOD_OPTIONS, "connect_timeout": 2.5}
+    with extra_alias("fraction", OPTIONS=options) as alias:
+        found = ours([alias])
+    if driver == "pymysql":
+        assert found == []  # PyMySQL takes seconds as floats
+        return
+    [error] = by_id(found, "dbkeepalive.E006")
+    assert "TypeError" in error.msg
+    assert "mysqlclient takes whole seconds only: connect_timeout is 2.5" in error.hint
+
+
+def test_conn_max_age_infinite_is_reused_without_limit_not_unreachable(
+    default_settings, monkeypatch
+):
+    monkeypatch.setitem(default_settings, "CONN_MAX_AGE", float("inf"))
+    [warning] = ours(["default"])
+    assert warning.id == "dbkeepalive.W001"
+    assert "CONN_MAX_AGE is inf (connections are reused without limit)" in warning.msg
+
+
+# ------------------------------------------------------ no backend, no driver
+
+
+def test_an_alias_whose_backend_cannot_be_loaded_gets_one_clear_error(tmp_path):
+    with no_driver_alias(tmp_path) as alias:
+        found = ours()
+        with_server = ours([alias, "default"])
+        assert checks.split_aliases() == (["default", "reader"], [])
+        out, err = io.StringIO(), io.StringIO()
+        with pytest.raises(SystemCheckError) as caught:
+            call_command("check", stdout=out, stderr=err)
+    assert ids(found) == ids(with_server) == ["dbkeepalive.E005"]
+    error = found[0]
+    assert error.msg == (
+        "Database 'nodriver': its database backend 'dbk_nodriver.mysql' cannot be loaded "
+        "(ImproperlyConfigured: Error loading MySQLdb module. Did you install mysqlclient?), "
+        "so Django cannot connect to it and django-dbkeepalive cannot guard it or check "
+        "its server."
+    )
+    assert "pip install mysqlclient" in error.hint
+    assert "DATABASES['nodriver']['ENGINE']" in error.hint
+    assert "(dbkeepalive.E005)" in str(caught.value)
+    assert "Traceback" not in str(caught.value) + out.getvalue() + err.getvalue()
+
+
+# -------------------------------------------------------------- timeouts
+
+
+@pytest.mark.parametrize(
+    "options, missing, note",
+    [
+        (
+            {"connect_timeout": None, "read_timeout": 30},
+            "connect_timeout",
+            "connect_timeout is None there, which sets no timeout",
+        ),
+        (
+            {"connect_timeout": 5, "read_timeout": 0},
+            "read_timeout",
+            "read_timeout is 0 there, which sets no timeout",
+        ),
+    ],
+)
+def test_timeouts_that_are_there_but_set_no_timeout_count_as_missing(
+    default_settings, monkeypatch, options, missing, note
+):
+    monkeypatch.setitem(default_settings, "OPTIONS", {**options, "write_timeout": 30})
+    # CLIENT_TIMEOUTS does not help: OPTIONS wins, also with None or 0.
+    with override_settings(DBKEEPALIVE={"CLIENT_TIMEOUTS": True}):
+        [warning] = ours()
+    assert warning.id == "dbkeepalive.W006"
+    assert f"Database 'default' has no {missing} in OPTIONS ({note})" in warning.msg
+
+
+def test_timeout_check_explains_what_bounds_connecting_per_driver(
+    default_settings, monkeypatch, driver
+):
+    monkeypatch.setitem(default_settings, "OPTIONS", {"write_timeout": 30})
+    [warning] = ours()
+    assert "10 s by default" not in warning.msg
+    if driver == "pymysql":
+        assert "has no read_timeout in OPTIONS" in warning.msg
+        assert "PyMySQL's connect_timeout bounds only the TCP connect" in warning.msg
+    else:
+        assert "has no connect_timeout or read_timeout in OPTIONS" in warning.msg
+        assert "accepts the connection but never answers" in warning.msg
+
+
+def test_client_timeouts_do_not_count_where_an_option_file_is_read(
+    default_settings, monkeypatch, tmp_path
+):
+    option_file = tmp_path / "my.cnf"
+    option_file.write_text("[client]\n")
+    monkeypatch.setitem(default_settings, "OPTIONS", {"read_default_file": str(option_file)})
+    with override_settings(DBKEEPALIVE={"CLIENT_TIMEOUTS": True}):
+        found = ours()
+        timeouts = checks.client_timeouts("default")
+    assert ids(found) == ["dbkeepalive.W006"]
+    assert {t.source for t in timeouts.values()} == {"option_file"}
+
+
+# ---------------------------------------------------- hints that agree
+
+
+def test_a_one_second_wait_timeout_gets_hints_that_can_be_followed(default_settings, monkeypatch):
+    # The session's wait_timeout comes from init_command: raising the server's would
+    # change nothing, and no CONN_MAX_AGE or MARGIN "below 1 s (e.g. 1)" can help.
+    init = "SET SESSION wait_timeout = 1"
+    monkeypatch.setitem(default_settings, "OPTIONS", {**GOOD_OPTIONS, "init_command": init})
+    monkeypatch.setitem(default_settings, "CONN_MAX_AGE", 60)
+    found = ours(["default"])
+    close_connections()
+    assert ids(found) == ["dbkeepalive.W001", "dbkeepalive.W002"]
+    w001, w002 = by_id(found, "dbkeepalive.W001")[0], by_id(found, "dbkeepalive.W002")[0]
+    assert "(e.g. 1," not in w001.hint
+    assert "set DATABASES['default']['CONN_MAX_AGE'] = 0" in w001.hint
+    assert (
+        "raise the wait_timeout that DATABASES['default']['OPTIONS']['init_command'] "
+        "('SET SESSION wait_timeout = 1') sets" in w001.hint
+    )
+    assert "on the server" not in w001.hint + w002.hint
+    assert "idle limit 0.5 s = 1 s - min(margin 5 s, half)" in w002.msg
+    assert w002.hint.startswith("Lower DBKEEPALIVE['MARGIN'] below 1 s (e.g. 0.25 s)")
+
+
+def test_a_session_wait_timeout_from_client_flag_interactive_is_explained(
+    default_settings, monkeypatch, server
+):
+    saved = server.get_global("interactive_timeout")
+    server.set_global("interactive_timeout", 40)
+    try:
+        options = {**GOOD_OPTIONS, "client_flag": 1024}  # CLIENT.INTERACTIVE
+        monkeypatch.setitem(default_settings, "OPTIONS", options)
+        monkeypatch.setitem(default_settings, "CONN_MAX_AGE", 60)
+        [warning] = ours(["default"])
+    finally:
+        server.set_global("interactive_timeout", saved)
+        close_connections()
+    assert warning.id == "dbkeepalive.W001"
+    assert "wait_timeout of 40 s (session wait_timeout 40 s" in warning.msg
+    assert "DATABASES['default']['OPTIONS']['client_flag'], which includes" in warning.hint
