@@ -1063,6 +1063,28 @@ def _wrap_rollback(original: Callable[..., Any]) -> Callable[..., Any]:
     return rollback
 
 
+def _cursor_close(self: Any) -> Any:
+    """``CursorWrapper.close()`` (Django has none: the driver's is reached through
+    ``__getattr__``, outside Django's error wrapper). A cursor whose connection the guard
+    replaced while it was open (an ORM ``iterator()`` whose loop body waited, then
+    wrote) would otherwise raise the driver's raw 2006 from mysqlclient's close, after
+    all the work succeeded: closing a cursor of a dead connection has nothing to save."""
+    inner = self.cursor
+    owner = getattr(getattr(inner, "cursor", inner), "connection", None)
+    try:
+        return inner.close()
+    except Exception as exc:
+        found = classify(exc)
+        db = self.db
+        if found is None:
+            raise
+        if owner is not None and owner is db.connection and db.connection is db._dbk_conn:
+            if not _guarded(db):
+                raise  # the connection in use died, and nothing of ours handles it
+            _mark_lost(db, found)  # the next statement reconnects (or raises in a tx)
+        return None
+
+
 def _safe_is_usable(original: Callable[..., Any]) -> Callable[..., Any]:
     def is_usable(self: Any) -> bool:
         if self.connection is not None and _is_pymysql(self.connection):
@@ -1342,6 +1364,8 @@ def install() -> None:
             original = cls.__dict__[name]
             _originals[f"{cls.__name__}.{name}"] = original
             setattr(cls, name, wrap(original))
+        if "close" not in backend_utils.CursorWrapper.__dict__:
+            backend_utils.CursorWrapper.close = _cursor_close  # type: ignore[attr-defined]
         try:
             from django.db.backends.mysql.base import DatabaseWrapper as MySQLWrapper
         except Exception:  # no MySQL driver installed: nothing of MySQL to guard
@@ -1368,6 +1392,8 @@ def uninstall() -> None:
             return
         for cls, name, _wrap in _PATCHES:
             setattr(cls, name, _originals.pop(f"{cls.__name__}.{name}"))
+        if backend_utils.CursorWrapper.__dict__.get("close") is _cursor_close:
+            del backend_utils.CursorWrapper.close  # type: ignore[attr-defined]
         for name, _wrap in _MYSQL_PATCHES:
             original = _originals.pop(f"mysql.{name}", None)
             if original is not None:

@@ -357,3 +357,27 @@ def test_a_long_statement_is_not_mistaken_for_idle_time(recycles):
     assert cursor.fetchone() == (3,)
     assert thread_id() == old
     assert recycles == []
+
+
+def test_an_iterator_whose_loop_body_outlives_its_connection_finishes(raw):
+    # The loop body's write replaces the connection under the iterator's open cursor;
+    # closing that cursor at the end must not raise the driver's raw 2006.
+    for n in range(3):
+        Item.objects.create(key=f"src-{n}")
+    seen = []
+    for item in Item.objects.filter(key__startswith="src-").order_by("id").iterator(chunk_size=2):
+        seen.append(item.key)
+        kill_connection()
+        Item.objects.create(key=f"copy-{item.key}")
+    assert seen == ["src-0", "src-1", "src-2"]
+    assert sorted(keys(raw)) == sorted(
+        ["src-0", "src-1", "src-2", "copy-src-0", "copy-src-1", "copy-src-2"]
+    )
+
+
+def test_closing_a_cursor_of_a_dead_connection_hands_it_to_the_guard(server):
+    cursor = connection.cursor()
+    cursor.execute("SELECT 1")
+    kill_connection()
+    cursor.close()  # no error: nothing to save on a dead connection
+    assert Item.objects.count() == 0  # the next statement reconnects
