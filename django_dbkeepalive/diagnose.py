@@ -10,8 +10,8 @@ pass through :func:`~django_dbkeepalive.checks.mask_secrets`.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +24,7 @@ from django.core import checks as django_checks
 from django.db import connections
 
 from . import __version__, checks, guard
+from .conf import TIMEOUT_NAMES
 from .signals import connection_recycled
 
 __all__ = [
@@ -104,7 +105,7 @@ class AliasReport:
 
     alias: str
     engine: str
-    vendor: str
+    vendor: str | None  # None: the backend cannot be loaded (E005)
     mysql: bool
     note: str | None
     host: str | None
@@ -147,31 +148,56 @@ class Report:
         ]
 
     def as_dict(self) -> dict[str, Any]:
-        """The ``--json`` document (see ``docs/diagnose.md``)."""
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "package_version": __version__,
-            "django_version": django.get_version(),
-            "status": self.status,
-            "exit_code": self.exit_code,
-            "issues": [asdict(i) for i in self.issues],
-            "databases": [asdict(d) for d in self.databases],
-        }
+        """The ``--json`` document (see ``docs/diagnose.md``): strict JSON data, so
+        ``json.dumps(..., allow_nan=False)`` always succeeds (``inf`` and ``nan``, which
+        only a setting Django does not validate can hold, become ``None``)."""
+        doc: dict[str, Any] = json_safe(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "package_version": __version__,
+                "django_version": django.get_version(),
+                "status": self.status,
+                "exit_code": self.exit_code,
+                "issues": [asdict(i) for i in self.issues],
+                "databases": [asdict(d) for d in self.databases],
+            }
+        )
+        return doc
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as strict JSON data: non-finite floats become ``None``, tuples lists,
+    keys strings, and anything else that JSON cannot hold its ``repr()``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return repr(value)
 
 
 # ---------------------------------------------------------------------- helpers
 
 
-def mask_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """``OPTIONS`` with ``password``/``passwd`` masked and values made JSON-friendly."""
+def mask_options(
+    options: Mapping[str, Any], settings_dict: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """``OPTIONS`` with ``password``/``passwd`` masked and values made JSON-friendly;
+    with ``settings_dict``, the alias's password is also masked inside text values
+    (:func:`~django_dbkeepalive.checks.mask_secrets`)."""
     masked: dict[str, Any] = {}
     for key, value in options.items():
         if str(key).lower() in _SECRET_OPTIONS:
             masked[str(key)] = MASK
         elif isinstance(value, Mapping):
-            masked[str(key)] = mask_options(value)
+            masked[str(key)] = mask_options(value, settings_dict)
+        elif isinstance(value, str) and settings_dict is not None:
+            masked[str(key)] = checks.mask_secrets(value, settings_dict)
         elif value is None or isinstance(value, (bool, int, float, str)):
-            masked[str(key)] = value
+            masked[str(key)] = json_safe(value)
         else:
             masked[str(key)] = repr(value)
     return masked
@@ -217,14 +243,42 @@ def _driver(db: Any) -> dict[str, Any]:
 def _int_or_none(value: Any) -> int | None:
     try:
         return None if value in (None, "") else int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
 
 
 def _number_or_none(value: Any) -> float | int | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return value
+
+
+def _client_info(alias: str, options: Mapping[str, Any], mysql: bool) -> dict[str, Any]:
+    """The ``client`` section: the timeouts the driver gets (``OPTIONS`` wins, else
+    ``CLIENT_TIMEOUTS``, which applies to MySQL aliases only) and where each comes from,
+    then ``OPTIONS`` masked."""
+    if mysql:
+        timeouts = checks.client_timeouts(alias)
+    else:
+        timeouts = {
+            name: checks.ClientTimeout(
+                name, options.get(name), "options" if name in options else None
+            )
+            for name in TIMEOUT_NAMES
+        }
+    info: dict[str, Any] = {name: _number_or_none(t.value) for name, t in timeouts.items()}
+    info.update({f"{name}_source": t.source for name, t in timeouts.items()})
+    info["options"] = mask_options(options, connections.settings[alias])
+    return info
+
+
+def _conn_max_age(value: Any) -> Any:
+    # JSON: a number, None (null: unlimited, as inf is), or what the setting holds.
+    if isinstance(value, float) and math.isinf(value) and value > 0:
+        return None
+    return json_safe(value)
 
 
 def _server_product(version: str) -> str:
@@ -278,10 +332,16 @@ def _guard_info(
     }
 
 
-def _verdict(issues: list[Issue], unreachable: bool, probe: ProbeResult | None) -> tuple[str, str]:
+def _verdict(
+    issues: list[Issue], unreachable: bool, probe: ProbeResult | None, failed: bool = False
+) -> tuple[str, str]:
     if unreachable:
         verdict = "unreachable"
-    elif any(i.is_problem for i in issues) or (probe is not None and probe.outcome == "failed"):
+    elif (
+        failed
+        or any(i.is_problem for i in issues)
+        or (probe is not None and probe.outcome == "failed")
+    ):
         verdict = "problem"
     else:
         verdict = "ok"
@@ -295,21 +355,31 @@ def _verdict(issues: list[Issue], unreachable: bool, probe: ProbeResult | None) 
 
 
 def _alias_report(alias: str, mysql: bool, probe: bool, progress: Progress | None) -> AliasReport:
-    db = connections[alias]
-    sd = db.settings_dict
+    sd = connections.settings[alias]
     options = sd.get("OPTIONS") or {}
+    if not isinstance(options, Mapping):
+        options = {}
+    engine = str(sd.get("ENGINE") or "")
     messages = checks.configuration_messages(alias)
+    backend_error = checks.backend_error(alias)
+    db: Any = None if backend_error is not None else connections[alias]
+    if backend_error is not None:
+        # E005: no wrapper, no driver; "mysql" from the ENGINE's name.
+        mysql = "mysql" in engine.lower()
     variables: checks.ServerVariables | None = None
-    error: BaseException | None = None
-    if mysql:
+    error: BaseException | None = backend_error
+    kind: str | None = None if backend_error is None else "backend"
+    if mysql and db is not None:
         variables, error, server_found = checks.check_alias_server(alias)
         messages = messages + server_found
+        kind = None if error is None else checks.connect_error_kind(error)
     issues = _issues(messages)
     server: dict[str, Any] | None = None
     if mysql:
         server = {
             "reachable": error is None,
             "error": None if error is None else checks.error_text(alias, error),
+            "error_kind": kind,
             "product": None,
             "version": None,
             "wait_timeout": None,
@@ -334,38 +404,48 @@ def _alias_report(alias: str, mysql: bool, probe: bool, progress: Progress | Non
             )
     probe_result: ProbeResult | None = None
     if probe:
-        if not mysql:
+        if kind == "backend":
+            probe_result = ProbeResult(False, "skipped", "the database backend cannot be loaded")
+        elif not mysql:
             probe_result = ProbeResult(False, "skipped", "not MySQL: nothing to probe")
         elif error is not None:
-            probe_result = ProbeResult(False, "skipped", "the server is unreachable")
+            probe_result = ProbeResult(
+                False,
+                "skipped",
+                "the server is unreachable"
+                if kind == "unreachable"
+                else "connecting fails (see the issues)",
+            )
         else:
             probe_result = run_probe(alias, progress=progress)
-    verdict, hint = _verdict(issues, mysql and error is not None, probe_result)
+    verdict, hint = _verdict(issues, kind == "unreachable", probe_result, failed=error is not None)
+    socket = checks.socket_path(sd)
     host = str(sd.get("HOST") or "") or None
-    socket = options.get("unix_socket") if isinstance(options, Mapping) else None
     if host is not None and host.startswith("/"):
-        socket, host = host, None
+        host = None
+    note: str | None
+    if kind == "backend":
+        note = "the database backend cannot be loaded (see the issues)"
+    else:
+        note = None if mysql else "not MySQL: only CONN_MAX_AGE is enforced"
     return AliasReport(
         alias=alias,
-        engine=str(sd.get("ENGINE") or ""),
-        vendor=db.vendor,
+        engine=engine,
+        vendor=None if db is None else db.vendor,
         mysql=mysql,
-        note=None if mysql else "not MySQL: only CONN_MAX_AGE is enforced",
+        note=note,
         host=host,
-        port=_int_or_none(sd.get("PORT")),
+        port=None if socket else _int_or_none(sd.get("PORT")),
         socket=socket,
         user=str(sd.get("USER") or "") or None,
         name=str(sd.get("NAME") or "") or None,
-        driver=_driver(db),
+        driver=(
+            {"name": None, "version": None, "client_library": None} if db is None else _driver(db)
+        ),
         server=server,
-        client={
-            "connect_timeout": _number_or_none(options.get("connect_timeout")),
-            "read_timeout": _number_or_none(options.get("read_timeout")),
-            "write_timeout": _number_or_none(options.get("write_timeout")),
-            "options": mask_options(options) if isinstance(options, Mapping) else {},
-        },
+        client=_client_info(alias, options, mysql),
         django={
-            "conn_max_age": sd.get("CONN_MAX_AGE", 0),
+            "conn_max_age": _conn_max_age(sd.get("CONN_MAX_AGE", 0)),
             "conn_health_checks": bool(sd.get("CONN_HEALTH_CHECKS", False)),
         },
         guard=_guard_info(alias, variables, mysql),
@@ -379,11 +459,13 @@ def _alias_report(alias: str, mysql: bool, probe: bool, progress: Progress | Non
 def diagnose(
     aliases: Sequence[str] | None = None, *, probe: bool = False, progress: Progress | None = None
 ) -> Report:
-    """Diagnose ``aliases`` (default: every configured alias), in settings order.
+    """Diagnose ``aliases`` (default: every configured alias, in settings order), in the
+    order given (duplicates dropped).
 
-    Connects to each MySQL alias's server (one short query on this thread's
-    connection, as the system checks do); ``probe=True`` also runs :func:`run_probe`.
-    Unknown aliases raise ``ValueError`` naming the configured ones.
+    Connects to each MySQL alias's server over a connection of its own with capped
+    timeouts (:func:`~django_dbkeepalive.checks.diagnostic_connection`, as the system
+    checks do); ``probe=True`` also runs :func:`run_probe`. Unknown aliases raise
+    ``ValueError`` naming the configured ones.
     """
     configured = list(connections)
     wanted = configured if aliases is None else list(dict.fromkeys(aliases))
@@ -422,7 +504,8 @@ def run_probe(
     """A live test: idle past the server's wait_timeout, then query through the guard.
 
     Opens a new connection for ``alias`` (a separate ``DatabaseWrapper`` in this thread,
-    so the thread's own connection is left alone), sets its SESSION ``wait_timeout``
+    so the thread's own connection is left alone, with the capped client timeouts of
+    :func:`~django_dbkeepalive.checks.diagnostic_connection`), sets its SESSION ``wait_timeout``
     to ``wait_timeout`` seconds, sleeps ``idle`` seconds so the server closes it, runs
     ``SELECT 1`` and reports what the guard did (``connection_recycled`` reasons), how
     long that query took, and the connection ids and server connection counts around it.
@@ -437,8 +520,25 @@ def run_probe(
     cfg = checks.alias_settings(alias)
     installed = guard.is_installed()
     forced = installed and cfg is not None and not cfg.auto_guard
-    db: Any = connections.create_connection(alias)
     result = ProbeResult(True, "failed", "", forced_guard=forced, session_wait_timeout=wait_timeout)
+    with checks.diagnostic_connection(alias) as db:
+        _probe(db, alias, result, reasons, on_recycled, wait_timeout, idle, progress)
+    result.reasons = list(reasons)
+    return result
+
+
+def _probe(
+    db: Any,
+    alias: str,
+    result: ProbeResult,
+    reasons: list[str],
+    on_recycled: Callable[..., None],
+    wait_timeout: int,
+    idle: float,
+    progress: Progress | None,
+) -> None:
+    installed = guard.is_installed()
+    forced = result.forced_guard
     connection_recycled.connect(on_recycled, weak=False)
     try:
         db.ensure_connection()
@@ -487,11 +587,11 @@ def run_probe(
                 )
                 + "."
             )
-            return result
+            return
         result.reasons = list(reasons)
         if int(value) != 1:  # pragma: no cover - a server that cannot add
             result.detail = f"SELECT 1 returned {value!r}"
-            return result
+            return
         if result.connection_id_after != result.connection_id_before:
             result.outcome, result.recovered = "recovered", True
             why = ", ".join(reasons) or "no signal"
@@ -507,18 +607,13 @@ def run_probe(
                 f"{result.idle_seconds:g} s idle with wait_timeout {wait_timeout} s (a proxy "
                 "between the application and the server?); nothing to recover"
             )
-        return result
+        return
     except Exception as exc:
         result.error = checks.error_text(alias, exc)
         result.detail = f"the probe could not run: {result.error}"
-        return result
+        return
     finally:
         connection_recycled.disconnect(on_recycled)
         if forced:
             guard.disable(db)
-        if installed:
-            guard.close_connection(db)
-        else:
-            with contextlib.suppress(Exception):
-                db.close()
         result.reasons = list(reasons)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,17 +19,26 @@ from django.core.management.base import CommandError
 from django.db import connection, connections
 from django.test import override_settings
 
-from django_dbkeepalive import guard
+from django_dbkeepalive import checks, guard
 from django_dbkeepalive.checks import TAG
 from django_dbkeepalive.conf import conf
 from django_dbkeepalive.diagnose import SCHEMA_VERSION, diagnose
 
-from .test_checks import down_alias, extra_alias, other_vendor_alias
+from .test_checks import (
+    GOOD_OPTIONS,
+    bounded,
+    down_alias,
+    extra_alias,
+    no_driver_alias,
+    other_vendor_alias,
+    silent_server,
+)
 
 # The command looks at every alias, the reader included.
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "reader"])
 
 SQLITE = {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:", "OPTIONS": {}}
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class Result:
@@ -34,11 +47,15 @@ class Result:
 
     @property
     def json(self) -> dict[str, Any]:
-        return json.loads(self.out)
+        return json.loads(self.out, parse_constant=not_json)
 
     @property
     def text(self) -> str:
         return self.out + self.err
+
+
+def not_json(name: str) -> Any:
+    raise AssertionError(f"{name} is not JSON")
 
 
 def run(*args: str) -> Result:
@@ -97,13 +114,13 @@ def test_table_shows_server_client_django_and_guard_values(driver, server):
     assert row["net_read_timeout"] == f"{server.get_global('net_read_timeout')} s"
     assert row["net_write_timeout"] == f"{server.get_global('net_write_timeout')} s"
     assert row["max_allowed_packet"] == "16 MiB (16777216 bytes)"
-    assert row["client connect_timeout"] == "5 s"
-    assert row["client read_timeout"] == row["client write_timeout"] == "30 s"
+    assert row["client connect_timeout"] == "5 s (OPTIONS)"
+    assert row["client read_timeout"] == row["client write_timeout"] == "30 s (OPTIONS)"
     assert row["CONN_MAX_AGE"] == "0 (closed at the end of each request)"
     assert row["CONN_HEALTH_CHECKS"] == "False"
     assert row["guard"] == "on (AUTO_GUARD)"
     assert row["guard idle limit"] == (
-        f"{wait - 5} s (wait_timeout {wait} s from the server - margin 5 s)"
+        f"{wait - 5} s = {wait} s - margin 5 s (wait_timeout from the server)"
     )
     assert row["guard ping"] == "after 60 s idle"
     assert row["guard peek"] == "after 0.1 s idle"
@@ -119,7 +136,9 @@ def test_table_shows_missing_client_timeouts_with_the_drivers_default(
     row = rows(run().out)
     assert row["client read_timeout"] == "not set (no timeout)"
     assert row["client connect_timeout"] == (
-        "not set (PyMySQL default: 10 s)" if driver == "pymysql" else "not set (no timeout)"
+        "not set (PyMySQL default: 10 s, for the TCP connect only)"
+        if driver == "pymysql"
+        else "not set (no timeout)"
     )
 
 
@@ -172,6 +191,9 @@ def test_json_document_has_the_documented_schema(driver, server):
     assert srv["max_allowed_packet"] == int(server.get_global("max_allowed_packet"))
     assert db["client"]["connect_timeout"] == 5
     assert db["client"]["read_timeout"] == db["client"]["write_timeout"] == 30
+    assert db["client"]["connect_timeout_source"] == "options"
+    assert db["client"]["read_timeout_source"] == db["client"]["write_timeout_source"] == "options"
+    assert srv["error_kind"] is None
     assert db["client"]["options"]["charset"] == "utf8mb4"
     assert db["django"] == {"conn_max_age": 0, "conn_health_checks": False}
     cfg = conf.for_alias("default")
@@ -313,8 +335,11 @@ def test_no_output_ever_contains_the_password(server, driver, no_password_anywhe
     # The password in OPTIONS works (the server answered) and is masked.
     assert by_alias["optpass"]["verdict"] == "ok"
     assert by_alias["optpass"]["client"]["options"]["password"] == "********"
-    assert by_alias["wrongpass"]["verdict"] == "unreachable"
+    # A wrong password is a problem to fix, not an unreachable server.
+    assert by_alias["wrongpass"]["verdict"] == "problem"
+    assert by_alias["wrongpass"]["server"]["error_kind"] == "access_denied"
     assert "1045" in by_alias["wrongpass"]["server"]["error"]
+    assert [i["id"] for i in by_alias["wrongpass"]["issues"]] == ["dbkeepalive.E006"]
     assert "'password': '********'" not in table.out  # OPTIONS are not printed in the table
 
 
@@ -391,3 +416,222 @@ def test_diagnose_api_returns_the_same_report_as_the_command(server):
     assert report.as_dict()["databases"][0]["alias"] == "default"
     with pytest.raises(ValueError, match="Unknown database alias 'x'"):
         diagnose(["x"])
+
+
+# ------------------------------------------------------------ client timeouts
+
+
+def test_client_timeouts_show_what_the_driver_gets_and_where_it_comes_from(
+    default_settings, monkeypatch
+):
+    monkeypatch.setitem(default_settings, "OPTIONS", {"charset": "utf8mb4", "connect_timeout": 4})
+    value = {"CLIENT_TIMEOUTS": {"connect_timeout": 9, "read_timeout": 42}}
+    with override_settings(DBKEEPALIVE=value):
+        client = run("--json", "--database", "default").json["databases"][0]["client"]
+        row = rows(run("--database", "default").out)
+    assert client == {
+        "connect_timeout": 4,  # OPTIONS wins
+        "read_timeout": 42,
+        "write_timeout": None,
+        "connect_timeout_source": "options",
+        "read_timeout_source": "client_timeouts",
+        "write_timeout_source": None,
+        "options": {"charset": "utf8mb4", "connect_timeout": 4},
+    }
+    assert row["client connect_timeout"] == "4 s (OPTIONS)"
+    assert row["client read_timeout"] == "42 s (DBKEEPALIVE['CLIENT_TIMEOUTS'])"
+    assert row["client write_timeout"] == "not set (no timeout)"
+
+
+def test_client_timeouts_are_not_applied_where_an_option_file_is_read(
+    default_settings, monkeypatch, tmp_path
+):
+    option_file = tmp_path / "my.cnf"
+    option_file.write_text("[client]\n")
+    options = {"read_default_file": str(option_file), "read_timeout": 0}
+    monkeypatch.setitem(default_settings, "OPTIONS", options)
+    with override_settings(DBKEEPALIVE={"CLIENT_TIMEOUTS": True}):
+        client = run("--json", "--database", "default").json["databases"][0]["client"]
+        row = rows(run("--database", "default").out)
+    assert client["connect_timeout"] is None
+    assert client["connect_timeout_source"] == "option_file"
+    assert client["read_timeout"] == 0 and client["read_timeout_source"] == "options"
+    assert row["client connect_timeout"].startswith("not in OPTIONS (read_default_file may set")
+    assert row["client read_timeout"] == "0 in OPTIONS (no timeout)"
+
+
+# ---------------------------------------------------------- the idle limit
+
+
+def test_idle_limit_shows_the_half_timeout_fallback():
+    value = {"DATABASES": {"default": {"WAIT_TIMEOUT": 60, "MARGIN": 60}}}
+    with override_settings(DBKEEPALIVE=value):
+        result = run("--database", "default")
+    assert rows(result.out)["guard idle limit"] == (
+        "30 s = 60 s - min(margin 60 s, half) (wait_timeout from DBKEEPALIVE['WAIT_TIMEOUT'])"
+    )
+
+
+# ------------------------------------------------------------ strict JSON
+
+
+def test_json_is_strict_even_with_an_infinite_conn_max_age(default_settings, monkeypatch):
+    monkeypatch.setitem(default_settings, "CONN_MAX_AGE", float("inf"))
+    result = run("--json", "--database", "default")
+    assert "Infinity" not in result.out
+    [db] = result.json["databases"]  # parse_constant fails on Infinity and NaN
+    assert db["django"]["conn_max_age"] is None  # no limit, as None
+    # Reusing connections without limit is a warning, not an unreachable server.
+    assert result.code == 1 and db["verdict"] == "problem"
+    assert [i["id"] for i in db["issues"]] == ["dbkeepalive.W001"]
+
+
+# ------------------------------------------------ connection errors, by kind
+
+
+@pytest.mark.parametrize(
+    "changes, kind, label",
+    [
+        ({"CONN_MAX_AGE": "60"}, "configuration", "SETTINGS ERROR: TypeError: "),
+        ({"NAME": "no_such_database"}, "unknown_database", "UNKNOWN DATABASE: "),
+        (
+            {"OPTIONS": {**GOOD_OPTIONS, "init_command": "SET SESSION wait_timeout = nope"}},
+            "sql",
+            "CONNECTION SETUP FAILED: OperationalError: (1232, ",
+        ),
+        ({"PASSWORD": "a"}, "access_denied", "ACCESS DENIED: OperationalError: (1045, "),
+    ],
+)
+def test_settings_errors_are_problems_not_unreachable_servers(server, changes, kind, label):
+    with extra_alias("bad", **changes) as alias:
+        doc = run("--json", "--database", alias)
+        table = run("--database", alias)
+    assert doc.code == table.code == 1
+    [db] = doc.json["databases"]
+    assert doc.json["status"] == "problem"
+    assert db["verdict"] == "problem"
+    assert db["server"]["reachable"] is False
+    assert db["server"]["error_kind"] == kind
+    assert [i["id"] for i in db["issues"]] == ["dbkeepalive.E006"]
+    assert db["hint"].startswith("dbkeepalive.E006: ")
+    assert rows(table.out, alias)["server"].startswith(label)
+    assert rows(table.out, alias)["verdict"] == "problem"
+    assert "Traceback" not in table.text + doc.text
+
+
+def test_a_server_that_accepts_but_never_answers_is_unreachable_in_bounded_time(
+    monkeypatch, no_password_anywhere, server
+):
+    monkeypatch.setattr(checks, "DIAGNOSTIC_TIMEOUT", 1)
+    options = {"connect_timeout": 30, "write_timeout": 30}  # no read_timeout
+    with (
+        silent_server() as silent,
+        extra_alias(
+            "hung", HOST="127.0.0.1", PORT=silent.port, OPTIONS=options, PASSWORD=server.password
+        ) as alias,
+    ):
+        result = bounded(lambda: run("--json", "--database", alias), seconds=6)
+    no_password_anywhere.append(result.text)
+    assert silent.accepted
+    assert result.code == 2
+    [db] = result.json["databases"]
+    assert db["verdict"] == "unreachable"
+    assert db["server"]["error_kind"] == "unreachable"
+    assert "(2013, " in db["server"]["error"]
+    assert "dbkeepalive.W005" in [i["id"] for i in db["issues"]]
+    # The command's connection was bounded; the alias's settings were not changed.
+    assert db["client"]["read_timeout"] is None
+    assert db["client"]["options"] == options
+
+
+# ---------------------------------------------------------------- sockets
+
+
+def test_a_unix_socket_alias_reports_no_tcp_port(server):
+    if not server.socket:
+        pytest.skip("an external test server: no socket path known")
+    with extra_alias("local_socket", HOST=server.socket) as alias:
+        doc = run("--json", "--database", alias)
+        table = run("--database", alias)
+    assert doc.code == 0, doc.text
+    [db] = doc.json["databases"]
+    assert (db["host"], db["port"], db["socket"]) == (None, None, server.socket)
+    assert f"Database 'local_socket' (django.db.backends.mysql, {server.socket}, user" in (
+        table.out
+    )
+
+
+# ------------------------------------------------------ no backend, no driver
+
+
+def test_an_alias_whose_backend_cannot_be_loaded_is_a_problem_with_its_reason(tmp_path):
+    with no_driver_alias(tmp_path) as alias:
+        doc = run("--json", "--database", alias, "--probe")
+        table = run()
+    assert doc.code == table.code == 1
+    [db] = doc.json["databases"]
+    assert db["vendor"] is None and db["mysql"] is True
+    assert db["driver"] == {"name": None, "version": None, "client_library": None}
+    assert db["server"]["error_kind"] == "backend"
+    assert db["server"]["error"] == (
+        "ImproperlyConfigured: Error loading MySQLdb module. Did you install mysqlclient?"
+    )
+    assert [i["id"] for i in db["issues"]] == ["dbkeepalive.E005"]
+    assert db["verdict"] == "problem"
+    assert db["probe"]["outcome"] == "skipped"
+    assert rows(table.out, alias)["server"].startswith("BACKEND CANNOT BE LOADED: ")
+    assert rows(table.out)["verdict"] == "ok"  # default is still fine
+    assert "Traceback" not in table.text + doc.text
+
+
+NO_DRIVER_SETTINGS = """
+import sys
+
+sys.modules["MySQLdb"] = None  # mysqlclient is not installed: importing it fails
+SECRET_KEY = "not-secret"
+USE_TZ = True
+INSTALLED_APPS = ["django_dbkeepalive"]
+DATABASES = {{"default": {{
+    "ENGINE": "django.db.backends.mysql",
+    "HOST": "127.0.0.1",
+    "PORT": {port},
+    "USER": {user!r},
+    "PASSWORD": {password!r},
+    "NAME": "dbkeepalive",
+    "OPTIONS": {{"connect_timeout": 5, "read_timeout": 30}},
+}}}}
+"""
+
+
+def test_without_a_mysql_driver_check_and_dbkeepalive_say_so_without_a_traceback(tmp_path, server):
+    (tmp_path / "nodriver_settings.py").write_text(
+        NO_DRIVER_SETTINGS.format(port=server.port, user=server.user, password=server.password)
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]),
+        "DJANGO_SETTINGS_MODULE": "nodriver_settings",
+    }
+
+    def manage(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "django", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    check = manage("check")
+    diagnosis = manage("dbkeepalive", "--json")
+    for result in (check, diagnosis):
+        assert "Traceback" not in result.stdout + result.stderr
+        assert server.password not in result.stdout + result.stderr
+    assert check.returncode == 1
+    assert "(dbkeepalive.E005) Database 'default': its database backend " in check.stderr
+    assert "Error loading MySQLdb module. Did you install mysqlclient?" in check.stderr
+    assert diagnosis.returncode == 1
+    doc = json.loads(diagnosis.stdout, parse_constant=not_json)
+    [db] = doc["databases"]
+    assert db["server"]["error_kind"] == "backend"
+    assert [i["id"] for i in db["issues"]] == ["dbkeepalive.E005"]

@@ -20,6 +20,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
+from django_dbkeepalive.checks import limit_formula
 from django_dbkeepalive.diagnose import EXIT_OK, AliasReport, Issue, Report, diagnose
 
 
@@ -36,12 +37,32 @@ def _bytes(value: int | None) -> str:
     return f"{mib:g} MiB ({value} bytes)"
 
 
-def _client_timeout(value: Any, name: str, driver: str | None) -> str:
-    if value is not None:
-        return _secs(value)
+def _client_timeout(client: dict[str, Any], name: str, driver: str | None) -> str:
+    """One client timeout as the driver gets it, and where it comes from."""
+    source = client.get(f"{name}_source")
+    value = client.get(name)
+    if source == "options":
+        raw = client["options"].get(name)
+        if raw is None or raw == 0:
+            return f"{raw!r} in OPTIONS (no timeout)"
+        return f"{_secs(raw)} (OPTIONS)"
+    if source == "client_timeouts":
+        return f"{_secs(value)} (DBKEEPALIVE['CLIENT_TIMEOUTS'])"
+    if source == "option_file":
+        return "not in OPTIONS (read_default_file may set it; CLIENT_TIMEOUTS is not applied)"
     if name == "connect_timeout" and driver == "PyMySQL":
-        return "not set (PyMySQL default: 10 s)"
+        return "not set (PyMySQL default: 10 s, for the TCP connect only)"
     return "not set (no timeout)"
+
+
+_CANNOT_CONNECT = {
+    "unreachable": "UNREACHABLE",
+    "access_denied": "ACCESS DENIED",
+    "unknown_database": "UNKNOWN DATABASE",
+    "sql": "CONNECTION SETUP FAILED",
+    "configuration": "SETTINGS ERROR",
+    "backend": "BACKEND CANNOT BE LOADED",
+}
 
 
 def _conn_max_age(value: Any) -> str:
@@ -97,7 +118,7 @@ class Command(BaseCommand):
         except ValueError as exc:
             raise CommandError(str(exc)) from exc
         if as_json:
-            self.stdout.write(json.dumps(report.as_dict(), indent=2))
+            self.stdout.write(json.dumps(report.as_dict(), indent=2, allow_nan=False))
         else:
             self.stdout.write(self.render(report))
         if report.exit_code != EXIT_OK:
@@ -150,10 +171,11 @@ class Command(BaseCommand):
         rows.append(("driver", driver_text or "-"))
         server = db.server
         if not db.mysql:
-            rows.append(("vendor", db.vendor))
+            rows.append(("vendor", db.vendor or "-"))
             rows.append(("note", db.note or ""))
         elif server is not None and not server["reachable"]:
-            rows.append(("server", f"UNREACHABLE: {server['error']}"))
+            label = _CANNOT_CONNECT.get(server.get("error_kind") or "", "CANNOT CONNECT")
+            rows.append(("server", f"{label}: {server['error']}"))
         elif server is not None:
             rows += [
                 ("server", f"{server['product']} {server['version']}"),
@@ -169,9 +191,7 @@ class Command(BaseCommand):
             ]
         if db.mysql:
             for name in ("connect_timeout", "read_timeout", "write_timeout"):
-                rows.append(
-                    (f"client {name}", _client_timeout(db.client[name], name, driver["name"]))
-                )
+                rows.append((f"client {name}", _client_timeout(db.client, name, driver["name"])))
         rows.append(("CONN_MAX_AGE", _conn_max_age(db.django["conn_max_age"])))
         rows.append(("CONN_HEALTH_CHECKS", str(db.django["conn_health_checks"])))
         g = db.guard
@@ -186,9 +206,10 @@ class Command(BaseCommand):
             if g["idle_limit"] is None:
                 limit = "unknown (wait_timeout not known)"
             else:
+                source = {"server": "the server", "setting": "DBKEEPALIVE['WAIT_TIMEOUT']"}
                 limit = (
-                    f"{_secs(round(g['idle_limit'], 3))} (wait_timeout {_secs(g['wait_timeout'])} "
-                    f"from the {g['wait_timeout_source']} - margin {_secs(g['margin'])})"
+                    f"{limit_formula(g['wait_timeout'], g['margin'])} (wait_timeout from "
+                    f"{source.get(g['wait_timeout_source'], 'unknown')})"
                 )
             rows.append(("guard idle limit", limit))
             ping = "never" if g["ping_after"] is None else f"after {_secs(g['ping_after'])} idle"
