@@ -16,6 +16,12 @@ Example::
         import_batch(2)
         assert recycles.reasons == ["disconnected"]
 
+Use them in transactional tests (``transactional_db``, ``django_db(transaction=True)``):
+in a test wrapped in a transaction (``db``), a killed connection loses that transaction
+(``kill_connection`` warns with ``TransactionLostWarning``). Each fixture needs
+``"django_dbkeepalive"`` in ``INSTALLED_APPS`` and raises ``ImproperlyConfigured``
+otherwise.
+
 Nothing here imports Django until a fixture is used, so the plugin costs nothing in
 projects (or test runs) that do not use it.
 """
