@@ -74,8 +74,17 @@ def _hold_a_connection(**kwargs: Any) -> None:
 
         from testproject.testapp.tasks import write_item
 
-        with connection.cursor() as cursor:
-            cursor.execute("SET SESSION wait_timeout = 600")
+        # A session that outlives the tests' short wait_timeout, set as it opens (so the
+        # guard knows its limit from the start); the children's connections keep theirs.
+        options = connection.settings_dict.setdefault("OPTIONS", {})
+        saved = dict(options)
+        options["init_command"] = "SET SESSION wait_timeout = 600"
+        try:
+            connection.close()
+            connection.ensure_connection()
+        finally:
+            options.clear()
+            options.update(saved)
         write_item("parent-start")
 
 

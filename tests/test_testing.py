@@ -164,14 +164,17 @@ def test_expire_connection_recycles_the_live_session_without_sleeping(server):
     assert time.monotonic() - started < 1.0  # no waiting for wait_timeout
 
 
+@override_settings(DBKEEPALIVE={"AUTO_GUARD": False})
 def test_expire_connection_reads_the_limit_when_the_guard_does_not_know_it_yet():
     connection.close()
     connection.ensure_connection()
-    assert connection._dbk_limit is None  # a new connection: not read yet
+    assert connection._dbk_limit is None  # opened while nothing guarded it: not read yet
     expire_connection()
     assert connection._dbk_limit is not None
-    with assert_recycles(1, reasons=["idle"]):
-        Item.objects.create(key="x")
+    with assert_recycles(0):
+        Item.objects.create(key="x")  # AUTO_GUARD off: a statement alone notices nothing
+    with assert_recycles(1, reasons=["idle"]), fresh_connection():  # a scope's start does
+        Item.objects.create(key="y")
 
 
 def test_expire_connection_below_the_limit_changes_nothing():
