@@ -71,7 +71,7 @@ _CLASS_DEFAULTS: dict[str, Any] = {
     "_dbk_poller": None,  # poll(0) of that socket: a bound select.poll().poll
     "_dbk_poll": None,  # the same while guarded: peeked before statements not re-run
     "_dbk_cfg": None,  # AliasSettings
-    "_dbk_wait": None,  # the session's effective wait_timeout (None: not read yet)
+    "_dbk_wait": None,  # the session's effective wait_timeout (None: not known yet)
     "_dbk_limit": None,  # idle limit = wait - margin
     "_dbk_lost": None,  # a Disconnect once the connection is known to be dead
     "_dbk_forced": 0,  # scopes (middleware...) that guard it although AUTO_GUARD=False
@@ -384,11 +384,39 @@ def _on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:
     _arm(db)
     if cfg.tcp_keepalive and db._dbk_ino is not None:
         _set_keepalive(db, cfg.tcp_keepalive)
+    if db._dbk_on and db._dbk_limit is None and db.vendor == "mysql":
+        _learn_limits(db)
     if db._dbk_manual:
         # The connection was lost in a transaction the code manages by hand; reopen it
         # in the same mode so later statements are not silently autocommitted.
         db._dbk_manual = False
         db.set_autocommit(False)
+
+
+def _learn_limits(db: Any) -> None:
+    """Read the session's ``wait_timeout`` (and ``max_allowed_packet``) as the connection
+    opens, one round trip, so the idle limit is known before the first pause: after it,
+    a flow a NAT or firewall dropped silently would not answer the question, and a
+    server-side close could not be told from a KILL. A disconnect here propagates (the
+    connection died while being set up: ``connect()`` handles that)."""
+    try:
+        db._dbk_wait, db._dbk_map = _read_server_limits(db.connection)
+    except Exception as exc:
+        if classify(exc) is not None:
+            raise
+        _no_limits(db, exc)
+    db._dbk_limit = _limit_for(db._dbk_wait, db._dbk_cfg)
+
+
+def _no_limits(db: Any, exc: BaseException) -> None:
+    # A proxy that cannot answer it: rely on the peek and the ping alone.
+    logger.warning(
+        "dbkeepalive: could not read wait_timeout on %r (%s); set "
+        "DBKEEPALIVE['WAIT_TIMEOUT'] to give the guard an idle limit",
+        db.alias,
+        type(exc).__name__,
+    )
+    db._dbk_wait = INF
 
 
 def _on_setting_changed(setting: str, **kwargs: Any) -> None:
@@ -625,20 +653,15 @@ def _check_mysql(db: Any, idle: float, in_tx: bool) -> None:
         return
     pinged = False
     if limit is None:
+        # Opened while nothing guarded it (AUTO_GUARD off, outside any scope): learn the
+        # limit now, on a session that just answered the peek.
         try:
             db._dbk_wait, db._dbk_map = _read_server_limits(db.connection)
         except Exception as exc:
             if classify(exc) is not None:
                 _ping_failed(db, idle, in_tx, exc)
                 return
-            # A proxy that cannot answer it: rely on the peek and the ping alone.
-            logger.warning(
-                "dbkeepalive: could not read wait_timeout on %r (%s); set "
-                "DBKEEPALIVE['WAIT_TIMEOUT'] to give the guard an idle limit",
-                db.alias,
-                type(exc).__name__,
-            )
-            db._dbk_wait = INF
+            _no_limits(db, exc)
         limit = db._dbk_limit = _limit_for(db._dbk_wait, cfg)
         pinged = True
     if idle > limit and kernel is None and not pinged:

@@ -95,11 +95,11 @@ def test_cursor_created_before_idle_works_after_it(set_wait_timeout, raw):
     assert keys(raw) == ["x"]
 
 
-def test_proactive_recycle_before_the_server_closes_it(recycles, server):
+def test_proactive_recycle_before_the_server_closes_it(recycles, server, db_options):
+    # The session's own value (init_command runs before the guard reads it), read as the
+    # connection opens: the limit is known before the first pause.
+    db_options(init_command="SET SESSION wait_timeout = 2")
     cursor = connection.cursor()
-    cursor.execute("SET SESSION wait_timeout = 2")
-    cursor.execute("SELECT 1")
-    expire_connection(idle=0.3)  # first pause: the guard reads the session's wait_timeout
     cursor.execute("SELECT 1")
     assert connection._dbk_wait == 2.0
     assert connection._dbk_limit == 1.0  # 2 s minus a margin capped at half of it
@@ -218,12 +218,27 @@ def test_read_that_hits_a_dead_connection_is_rerun_once(server, recycles):
     assert [r[1] for r in recycles] == ["disconnected"]
 
 
+def kill_between_statements(server) -> None:
+    """A real KILL of this thread's connection, as an administrator's lands between two
+    statements: the server closes the session, and its FIN reaches the client socket.
+    The guard's state is not touched (unlike kill_connection())."""
+    import select
+
+    connection.ensure_connection()
+    conn = connection.connection
+    server.kill(int(conn.thread_id()))
+    fd = conn._sock.fileno() if hasattr(conn, "_sock") else conn.fileno()
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    assert poller.poll(5000), "the server did not close the session within 5 s"
+
+
 # PEEK_AFTER = 1000: every statement below takes the hot path, as one right after
 # another does; a KILL in between is then seen by the peek before a write only.
 @override_settings(DBKEEPALIVE={"PEEK_AFTER": 1000})
 def test_write_right_after_a_kill_runs_once_on_a_new_connection(server, raw, recycles):
     Item.objects.create(key="a")
-    kill_connection(notice=False)  # no pause: the write below takes the hot path
+    kill_between_statements(server)  # no pause: the write below takes the hot path
     before = server.connections_total()
     Item.objects.create(key="b")
     assert keys(raw) == ["a", "b"]
@@ -235,12 +250,12 @@ def test_write_right_after_a_kill_runs_once_on_a_new_connection(server, raw, rec
 def test_executemany_and_raw_writes_right_after_a_kill_run_once(server, raw, recycles):
     with connection.cursor() as cursor:
         cursor.execute("SELECT 1")
-        kill_connection(notice=False)
+        kill_between_statements(server)
         cursor.executemany(
             "INSERT INTO testapp_item (`key`, value, created) VALUES (%s, 0, NOW())",
             [["m1"], ["m2"]],
         )
-        kill_connection(notice=False)
+        kill_between_statements(server)
         cursor.execute("UPDATE testapp_item SET value = value + 1")
     assert raw("SELECT `key`, value FROM testapp_item ORDER BY id") == [("m1", 1), ("m2", 1)]
     assert [r[1] for r in recycles] == ["disconnected", "disconnected"]
@@ -251,7 +266,7 @@ def test_commit_after_a_kill_says_the_transaction_was_rolled_back(server, raw):
     with pytest.raises(ConnectionLostInTransaction) as caught:
         with transaction.atomic():
             Item.objects.create(key="lost")
-            kill_connection(notice=False)  # the COMMIT below is the next operation
+            kill_between_statements(server)  # the COMMIT below is the next operation
     message = str(caught.value)
     assert "The server rolled the transaction back" in message
     assert "UNKNOWN" not in message

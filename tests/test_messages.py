@@ -11,7 +11,7 @@ import pytest
 from django.db import OperationalError, connection, transaction
 from django.test import override_settings
 
-from django_dbkeepalive import ConnectionLostInTransaction
+from django_dbkeepalive import ConnectionLostInTransaction, fresh_connection
 from testproject.testapp.models import Item
 
 from .conftest import close_connections
@@ -95,9 +95,7 @@ def test_kill_while_a_write_is_in_flight_says_it_was_not_rerun(server, raw) -> N
 def test_idle_past_wait_timeout_in_a_transaction(set_wait_timeout, raw, server) -> None:
     set_wait_timeout(2)
     Item.objects.count()
-    time.sleep(0.3)
-    Item.objects.count()  # the guard reads the session's wait_timeout on this pause
-    assert connection._dbk_wait == 2
+    assert connection._dbk_wait == 2  # read as the connection opened: no pause needed
     message = lost_in_transaction(lambda: Item.objects.create(key="second"), lambda: time.sleep(3))
     assert "idle 3." in message and "longer than the server's wait_timeout (2s)" in message
     assert "outside transaction.atomic()" in message
@@ -105,8 +103,17 @@ def test_idle_past_wait_timeout_in_a_transaction(set_wait_timeout, raw, server) 
 
 
 def test_idle_before_wait_timeout_is_known_mentions_both_causes(set_wait_timeout, raw) -> None:
+    # A connection opened while nothing guarded it (AUTO_GUARD off, outside any scope)
+    # has no known limit when a guarded scope first uses it after a pause.
     set_wait_timeout(2)
-    message = lost_in_transaction(lambda: Item.objects.create(key="second"), lambda: time.sleep(3))
+    with override_settings(DBKEEPALIVE={"AUTO_GUARD": False}):
+
+        def in_a_scope() -> None:
+            assert connection._dbk_wait is None
+            with fresh_connection():
+                Item.objects.create(key="second")
+
+        message = lost_in_transaction(in_a_scope, lambda: time.sleep(3))
     # MariaDB resets a connection it closes for inactivity; a proxy would too.
     assert (
         "the connection was reset after it sat idle 3.0s: by the server if its wait_timeout"
