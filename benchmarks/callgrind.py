@@ -4,13 +4,14 @@ Instruction counts are repeatable (a wall-clock ratio hides a CPU cost behind th
 trip). Each mode runs in its own process twice, with N1 and N2 queries; the difference
 divided by N2 - N1 is the cost of one query with start-up cancelled out.
 
-    python benchmarks/callgrind.py [--cases select1,orm_get] [--drivers mysqlclient,pymysql]
+    python benchmarks/callgrind.py [--cases select1,insert1,orm_get] [--drivers ...] [--wrapper]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import shutil
@@ -66,6 +67,58 @@ def instructions(env: dict[str, str], mode: str, driver: str, case: str, n: int)
     return int(match.group(1))
 
 
+def wrapper_instructions(env: dict[str, str], mode: str, sql: str, n: int) -> int:
+    """Instructions of a run of benchmarks/wrapper.py (no driver, no server)."""
+    prefix = ["setarch", platform.machine(), "-R"] if shutil.which("setarch") else []
+    result = subprocess.run(
+        [
+            *prefix,
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            str(HERE / "wrapper.py"),
+            mode,
+            str(n),
+            sql,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    match = COLLECTED.search(result.stderr)
+    if not match:
+        raise SystemExit(f"no instruction count from valgrind:\n{result.stderr[-2000:]}")
+    return int(match.group(1))
+
+
+def wrapper_rows() -> list[dict[str, object]]:
+    """The guard's hot path alone, per execute(): a read, and a write (peeked at)."""
+    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(HERE.parent)}
+    low, high = 2_000, 22_000
+    rows = []
+    for label, sql in (("read", "SELECT 1"), ("write", "INSERT INTO t VALUES (1)")):
+        cost = {}
+        for mode in ("plain", "app"):
+            small = min(wrapper_instructions(env, mode, sql, low) for _ in range(2))
+            large = min(wrapper_instructions(env, mode, sql, high) for _ in range(2))
+            cost[mode] = (large - small) / (high - low)
+        row = {
+            "case": f"wrapper_{label}",
+            "plain_instructions": round(cost["plain"]),
+            "app_instructions": round(cost["app"]),
+            "overhead_instructions": round(cost["app"] - cost["plain"]),
+        }
+        rows.append(row)
+        print(
+            f"{'no driver':12} {label:10} plain {cost['plain']:9.0f}  app {cost['app']:9.0f}  "
+            f"{cost['app'] - cost['plain']:+6.0f} instr/execute (the guard's hot path alone)",
+            flush=True,
+        )
+    return rows
+
+
 def per_query(env: dict[str, str], mode: str, driver: str, case: str) -> float:
     """(min I(N2) - min I(N1)) / (N2 - N1), minimum over REPEATS runs of each.
 
@@ -82,11 +135,14 @@ def main() -> None:
     parser.add_argument("--cases", default="select1,insert1,orm_get")
     parser.add_argument("--drivers", default="mysqlclient,pymysql")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "callgrind.json")
+    parser.add_argument(
+        "--wrapper", action="store_true", help="also the hot path alone, with no driver"
+    )
     args = parser.parse_args()
     if not shutil.which("valgrind"):
         raise SystemExit("valgrind is not installed: apt-get install valgrind")
+    rows: list[dict[str, object]] = wrapper_rows() if args.wrapper else []
     server, env = start()
-    rows = []
     try:
         for driver in args.drivers.split(","):
             for case in args.cases.split(","):

@@ -170,7 +170,13 @@ def main() -> None:
         if shutil.which("valgrind"):
             print("\nclient instructions per query (callgrind):", flush=True)
             subprocess.run(
-                [sys.executable, str(HERE / "callgrind.py"), "--drivers", args.drivers],
+                [
+                    sys.executable,
+                    str(HERE / "callgrind.py"),
+                    "--wrapper",
+                    "--drivers",
+                    args.drivers,
+                ],
                 check=True,
             )
         else:
