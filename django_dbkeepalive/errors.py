@@ -391,3 +391,25 @@ class ConnectionLostInTransaction(OperationalError):
 
     def __str__(self) -> str:
         return self.message
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Picklable with its keyword-only arguments (Celery stores a task's exception in
+        # the result backend; multiprocessing sends it to the parent).
+        return (
+            _rebuild_lost_in_transaction,
+            (self.message, self.alias, self.idle, self.limit, self.args[0], self.cause),
+            self.__dict__,
+        )
+
+
+def _rebuild_lost_in_transaction(
+    message: str,
+    alias: str,
+    idle: float | None,
+    limit: float | None,
+    code: int | None,
+    cause: str | None,
+) -> ConnectionLostInTransaction:
+    return ConnectionLostInTransaction(
+        message, alias=alias, idle=idle, limit=limit, code=code, cause=cause
+    )

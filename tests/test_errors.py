@@ -187,3 +187,26 @@ def test_a_tls_handshake_failure_is_told_apart_from_an_unreachable_server():
     assert tls_failure(bad_certificate)
     assert tls_failure(MySQLdb.OperationalError(2026, "TLS/SSL error: self-signed certificate"))
     assert not tls_failure(refused)
+
+
+def test_connection_lost_in_transaction_survives_pickling():
+    import pickle
+
+    from django_dbkeepalive import ConnectionLostInTransaction
+    from django_dbkeepalive.errors import add_note
+
+    error = ConnectionLostInTransaction(
+        "lost it", alias="reader", idle=3.5, limit=1.0, code=2013, cause="idle_timeout"
+    )
+    add_note(error, "a note")
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is ConnectionLostInTransaction
+    assert isinstance(again, OperationalError)
+    assert (str(again), again.args) == ("lost it", (2013, "lost it"))
+    assert (again.alias, again.idle, again.limit, again.cause) == (
+        "reader",
+        3.5,
+        1.0,
+        "idle_timeout",
+    )
+    assert again.__notes__ == ["a note"]
