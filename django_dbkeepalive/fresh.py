@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, TypeVar, overload
@@ -65,30 +66,36 @@ def _refresh(aliases: Iterable[str], *, close: bool, end: bool) -> None:
             continue
         if close:
             guard.close_connection(db)
-            continue
-        if not end and not db.get_autocommit():
-            continue  # a transaction the code manages by hand is still going on
-        guard.check_idle(db)  # dead, idle past the limit, CONN_MAX_AGE > 0 reached
-        if db.connection is None:
-            continue
-        errors = db.errors_occurred
-        if end:
-            db.close_if_unusable_or_obsolete()
+        elif not end:
+            if db.get_autocommit():  # else a transaction run by hand is still going on
+                _tidy(db)
         else:
-            _tidy(db)
-        # CONN_MAX_AGE = 0 closes at the end of every unit of work: Django's routine,
-        # not a recycle worth a signal.
-        if db.connection is None and (errors or db.settings_dict.get("CONN_MAX_AGE")):
-            guard.notify_closed(db, "ping_failed" if errors else "max_age")
+            guard.check_idle(db)  # dead, idle past the limit, CONN_MAX_AGE > 0 reached
+            if db.connection is None:
+                continue
+            errors = db.errors_occurred
+            db.close_if_unusable_or_obsolete()
+            # CONN_MAX_AGE = 0 closes at the end of every unit of work: Django's routine,
+            # not a recycle worth a signal.
+            if db.connection is None and (errors or db.settings_dict.get("CONN_MAX_AGE")):
+                guard.notify_closed(db, "ping_failed" if errors else "max_age")
 
 
-def _tidy(db: Any) -> None:
-    """Django's ``close_if_unusable_or_obsolete()`` without its age rule (which the
-    guard enforces for a positive ``CONN_MAX_AGE``, and which for ``CONN_MAX_AGE = 0``
-    means "at the end of the unit of work"): close a connection left with the wrong
-    autocommit mode, or one that errors broke. Never a round trip on a healthy one."""
+def _tidy(db: Any, *, next_unit: bool = False) -> None:
+    """Close ``db``'s connection if it must not be used on, without a round trip on a
+    healthy one: dead, idle past its limit or older than a positive ``CONN_MAX_AGE``
+    (the guard's checks), left with the wrong autocommit mode, or broken by errors.
+
+    Django's ``close_if_unusable_or_obsolete()`` without its rule that ``CONN_MAX_AGE =
+    0`` closes at once (for Django, "at the end of the request"). ``next_unit``: another
+    unit of work (a Celery task) starts next, so ``CONN_HEALTH_CHECKS`` re-arms."""
     if db.connection is None or db.in_atomic_block:
         return
+    guard.check_idle(db)
+    if db.connection is None:
+        return
+    if next_unit:
+        db.health_check_done = False
     if db.get_autocommit() != db.settings_dict["AUTOCOMMIT"]:
         # A manual transaction left behind: never hand it to the next unit of work.
         guard.close_connection(db)
@@ -98,6 +105,35 @@ def _tidy(db: Any) -> None:
             db.errors_occurred = False
         else:
             guard.close_connection(db)
+            guard.notify_closed(db, "ping_failed")
+
+
+def _start_scope(aliases: Iterable[str]) -> list[Any]:
+    """Guard this thread's connections of ``aliases`` (also with ``AUTO_GUARD = False``)
+    and start counting their idle periods past the limit, for a request or a task;
+    returns the wrappers for :func:`_end_scope`."""
+    wrappers = [connections[alias] for alias in aliases]
+    for db in wrappers:
+        guard.take_idle_report(db)  # an idle period before the scope is not its own
+        guard.enable(db)
+    return wrappers
+
+
+def _end_scope(wrappers: list[Any]) -> list[str]:
+    """End :func:`_start_scope`; returns ``"'alias' idle 3.5s (limit 1.0s)"`` for each
+    connection that sat idle past its limit during the scope."""
+    over = []
+    for db in wrappers:
+        try:
+            report = guard.take_idle_report(db)
+        finally:
+            guard.disable(db)
+        if report is not None:
+            idle, limit = report
+            # An infinite limit: the server closed it before the guard learned the limit.
+            limit_text = f"limit {limit:.1f}s" if math.isfinite(limit) else "limit unknown"
+            over.append(f"{db.alias!r} idle {idle:.1f}s ({limit_text})")
+    return over
 
 
 def _enter(aliases: list[str]) -> None:

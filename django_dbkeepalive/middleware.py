@@ -15,7 +15,6 @@ runs the ORM.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -25,8 +24,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 from django.http import HttpRequest, HttpResponseBase
 
-from . import guard
-from .fresh import refresh_connections
+from .fresh import _end_scope, _start_scope, refresh_connections
 
 __all__ = ["KeepaliveMiddleware"]
 
@@ -39,13 +37,7 @@ AsyncGetResponse = Callable[[HttpRequest], Awaitable[HttpResponseBase]]
 def _start_request() -> list[Any]:
     """Validate this thread's connections and guard every alias; returns the wrappers."""
     refresh_connections()
-    wrappers = []
-    for alias in connections.settings:
-        db = connections[alias]
-        guard.take_idle_report(db)  # an idle period before this request is not its own
-        guard.enable(db)
-        wrappers.append(db)
-    return wrappers
+    return _start_scope(connections.settings)
 
 
 def _view_name(request: HttpRequest) -> str:
@@ -56,17 +48,7 @@ def _view_name(request: HttpRequest) -> str:
 
 def _finish_request(request: HttpRequest, wrappers: list[Any]) -> None:
     """End the guard scopes; log one warning if the request idled past a limit."""
-    over = []
-    for db in wrappers:
-        try:
-            report = guard.take_idle_report(db)
-        finally:
-            guard.disable(db)
-        if report is not None:
-            idle, limit = report
-            # An infinite limit: the server closed it before the guard learned the limit.
-            limit_text = f"limit {limit:.1f}s" if math.isfinite(limit) else "limit unknown"
-            over.append(f"{db.alias!r} idle {idle:.1f}s ({limit_text})")
+    over = _end_scope(wrappers)
     if over:
         logger.warning(
             "dbkeepalive: the request to %s held a database connection idle past its "

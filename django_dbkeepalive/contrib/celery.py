@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -63,7 +62,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 
 from .. import guard
-from ..fresh import Using, _aliases, refresh_connections
+from ..fresh import Using, _aliases, _end_scope, _start_scope, _tidy, refresh_connections
 
 __all__ = ["KeepaliveWorkerFixup", "install"]
 
@@ -101,44 +100,13 @@ def _require_guard() -> None:
         raise ImproperlyConfigured(problem)
 
 
-def _wrappers(aliases: Iterable[str]) -> list[Any]:
-    """This thread's wrappers of ``aliases`` (created if needed: cheap, no connection)."""
-    return [connections[alias] for alias in aliases]
-
-
-def _tidy(db: Any) -> None:
-    """Close ``db``'s connection when it must not be reused by the next task.
-
-    What ``close_if_unusable_or_obsolete()`` does, except that ``CONN_MAX_AGE = 0`` does
-    not mean "close now" (the guard enforces a positive ``CONN_MAX_AGE`` itself), plus the
-    guard's checks: dead (peek), idle past its limit, ping due and failing."""
-    if db.connection is None or db.in_atomic_block:
-        return
-    guard.check_idle(db)  # dead, idle past the limit, CONN_MAX_AGE > 0 reached
-    if db.connection is None:
-        return
-    db.health_check_done = False  # CONN_HEALTH_CHECKS: check again in the next task
-    if db.get_autocommit() != db.settings_dict["AUTOCOMMIT"]:
-        # The task left a manual transaction behind: never hand it to the next task.
-        guard.close_connection(db)
-        return
-    if db.errors_occurred:
-        if db.is_usable():
-            db.errors_occurred = False
-        else:
-            guard.close_connection(db)
-            guard.notify_closed(db, "ping_failed")
-
-
 def _task_started(aliases: Iterable[str]) -> list[Any]:
     """Before a task, in the thread that runs it: tidy this thread's connections of
     ``aliases``, guard them for the task; returns their wrappers for _task_finished()."""
-    wrappers = _wrappers(aliases)
-    for db in wrappers:
-        _tidy(db)
-        guard.take_idle_report(db)  # idling between tasks is not the next task's doing
-        guard.enable(db)
-    return wrappers
+    aliases = list(aliases)
+    for alias in aliases:
+        _tidy(connections[alias], next_unit=True)
+    return _start_scope(aliases)
 
 
 def _lost_transaction(outcome: Any) -> bool:
@@ -164,17 +132,9 @@ def _task_finished(wrappers: list[Any], name: str, *, lost: bool = False) -> Non
     held a connection idle past its limit, tidy the connections for the next task.
 
     ``lost``: the task ended with ``ConnectionLostInTransaction``."""
-    over = []
+    over = _end_scope(wrappers)
     for db in wrappers:
-        try:
-            report = guard.take_idle_report(db)
-        finally:
-            guard.disable(db)
-        if report is not None:
-            idle, limit = report
-            limit_text = f"limit {limit:.1f}s" if math.isfinite(limit) else "limit unknown"
-            over.append(f"{db.alias!r} idle {idle:.1f}s ({limit_text})")
-        _tidy(db)
+        _tidy(db, next_unit=True)
     if not over:
         return
     if lost:
