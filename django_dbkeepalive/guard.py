@@ -79,6 +79,7 @@ _CLASS_DEFAULTS: dict[str, Any] = {
     "_dbk_over": None,  # (idle, limit) of the longest idle past the limit, for reports
     "_dbk_map": None,  # the server's max_allowed_packet for this session (None: not read)
     "_dbk_why": None,  # the Cause of the last connection the guard found lost
+    "_dbk_ended": False,  # COMMIT/ROLLBACK ended the transaction, no statement since
 }
 
 _installed = False
@@ -573,6 +574,8 @@ def _before(db: Any, cursor: Any = None, *, force: bool = False) -> None:
     (off by at most ``PEEK_AFTER`` plus the last statement's duration). The cheap peek
     does not care; decisions near the limit are refined in :func:`_check_mysql` with the
     kernel's count of how long the server has been silent."""
+    if cursor is not None:
+        db._dbk_ended = False  # a statement after COMMIT/ROLLBACK: new transaction work
     guarded = force or _guarded(db)
     conn = db.connection
     if conn is None:
@@ -1031,6 +1034,91 @@ def _set_autocommit_failed(
     return _failed(db, None, exc, retry)
 
 
+def _leaving_manual(db: Any) -> bool:
+    """Whether ``set_autocommit(True)`` now ends a manual-mode stretch on a connection of
+    ours (the end of an atomic block, after its COMMIT or ROLLBACK, or the code's own)."""
+    return bool(
+        not db.in_atomic_block
+        and not db.autocommit
+        and db.connection is not None
+        and db.connection is db._dbk_conn
+        and _guarded(db)
+    )
+
+
+def _left_lost(db: Any, found: Disconnect, exc: BaseException | None, ended: bool) -> None:
+    """The connection is lost as the code leaves manual mode. Replace it, in autocommit
+    mode (never leave it lost with autocommit off: every later statement would raise).
+    ``ended``: COMMIT or ROLLBACK ended the transaction and nothing ran since, so nothing
+    is lost and this is quiet; otherwise work since then was rolled back: raise."""
+    cause = (
+        _failure_cause(db, found, exc, pymysql=_is_pymysql(db.connection))
+        if exc is not None
+        else (db._dbk_why or explain(found.kind))
+    )
+    error = None if ended else _lost_in_transaction(db, cause, -INF, exc)
+    _mark_lost(db, found, cause)
+    _discard(db, "disconnected", -INF, cause=cause)
+    db._dbk_manual = False
+    if error is not None:
+        if exc is not None:
+            raise error from exc
+        raise error
+
+
+def _replace_if_lost(db: Any, ended: bool) -> bool:
+    """Before ``set_autocommit(True)`` ends manual mode: replace a connection the server
+    closed (or known lost), see :func:`_left_lost`. ``True`` when it was replaced."""
+    lost = db._dbk_lost
+    if lost is None:
+        try:
+            if ended:  # the transaction is over: a peek is all it takes
+                poll = db._dbk_poll
+                if poll is None or not poll(0):
+                    return False
+                lost = Disconnect(2006, "gone", not_sent=True, retryable=True)
+                db._dbk_why = _closed_while_idle(db, _now() - db._dbk_last)
+            else:
+                _before(db)
+                return False
+        except ConnectionLostInTransaction:
+            lost = db._dbk_lost or Disconnect(2013, "lost", False, True)
+    _left_lost(db, lost, None, ended)
+    return True
+
+
+def _leave_manual(db: Any, original: Any, force: bool, ended: bool) -> Any:
+    """``set_autocommit(True)`` that ends manual mode (the end of an atomic block, after
+    its COMMIT or ROLLBACK, or the code's own call), never leaving a lost connection
+    behind with autocommit off. After COMMIT/ROLLBACK (``ended``), a lost connection is
+    replaced quietly and the transaction's on_commit hooks, which Django drops with the
+    old connection, still run: the work was committed."""
+    hooks = list(db.run_on_commit) if ended else []
+    if not _replace_if_lost(db, ended):
+        db._dbk_due = db._dbk_last + db._dbk_cfg.peek_after  # the hot path again
+        try:
+            return original(db, True, force)
+        except Exception as exc:
+            found = classify(exc)
+            if found is None or not _leaving_manual(db):
+                raise
+            _left_lost(db, found, exc, ended)  # raises unless the transaction had ended
+    try:
+        original(db, True, force)  # reconnects, in autocommit mode
+    except Exception as again:
+        if classify(again) is None:
+            raise
+        # The server is unreachable now. An error here would read as a failed atomic
+        # block and get committed work run again: leave the connection closed (the next
+        # statement reports the outage itself).
+        db.autocommit = True
+    db.run_commit_hooks_on_set_autocommit_on = False
+    if hooks:
+        db.run_on_commit = hooks
+        db.run_and_clear_commit_hooks()
+    return None
+
+
 def _wrap_set_autocommit(original: Callable[..., Any]) -> Callable[..., Any]:
     def set_autocommit(
         self: Any, autocommit: bool, force_begin_transaction_with_broken_autocommit: bool = False
@@ -1041,6 +1129,12 @@ def _wrap_set_autocommit(original: Callable[..., Any]) -> Callable[..., Any]:
             # mode, even if this call fails to reconnect. (Django's connect() calls
             # this too, on a connection not ours yet: that one is left alone.)
             self._dbk_manual = False
+        ended = self._dbk_ended
+        self._dbk_ended = False
+        if autocommit and _leaving_manual(self):
+            return _leave_manual(
+                self, original, force_begin_transaction_with_broken_autocommit, ended
+            )
         if _now() > self._dbk_due:
             _before(self)
         entering = not autocommit and not _in_transaction(self)
@@ -1060,6 +1154,17 @@ def _wrap_set_autocommit(original: Callable[..., Any]) -> Callable[..., Any]:
     return set_autocommit
 
 
+def _transaction_ended(db: Any) -> None:
+    """COMMIT or ROLLBACK returned: nothing of that transaction can be lost any more.
+    Until the next statement (which takes the slow path once to clear the mark), leaving
+    manual mode on a connection the server has closed just replaces it, quietly: at the
+    end of an atomic block a lost ``SET autocommit=1`` must not look like a lost
+    transaction, or the code would run the committed work again."""
+    if db._dbk_on and db.connection is not None and not db.in_atomic_block:
+        db._dbk_ended = True
+        db._dbk_due = -INF
+
+
 def _wrap_commit(original: Callable[..., Any]) -> Callable[..., Any]:
     def commit(self: Any) -> Any:
         # Peeked every time: a COMMIT on a session the server closed would leave its
@@ -1067,7 +1172,7 @@ def _wrap_commit(original: Callable[..., Any]) -> Callable[..., Any]:
         if _now() > self._dbk_due or ((poll := self._dbk_poll) is not None and poll(0)):
             _before(self)
         try:
-            return original(self)
+            result = original(self)
         except Exception as exc:
             found = classify(exc)
             if found is None or not _guarded(self) or self.connection is None:
@@ -1077,6 +1182,8 @@ def _wrap_commit(original: Callable[..., Any]) -> Callable[..., Any]:
             raise _lost_in_transaction(
                 self, cause, -INF, exc, commit_unknown=not found.not_sent
             ) from exc
+        _transaction_ended(self)
+        return result
 
     commit.__wrapped__ = original  # type: ignore[attr-defined]
     return commit
@@ -1092,7 +1199,9 @@ def _wrap_rollback(original: Callable[..., Any]) -> Callable[..., Any]:
                 _before(self)
             except ConnectionLostInTransaction:
                 _discard(self, "disconnected", 0.0)
-        return original(self)
+        result = original(self)
+        _transaction_ended(self)
+        return result
 
     rollback.__wrapped__ = original  # type: ignore[attr-defined]
     return rollback

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from django.db import OperationalError, connection, transaction
+from django.db import OperationalError, connection, connections, transaction
 from django.test import Client, override_settings
 
 from django_dbkeepalive import ConnectionLostInTransaction
@@ -403,3 +403,64 @@ def test_closing_a_cursor_of_a_dead_connection_hands_it_to_the_guard(server):
     kill_connection()
     cursor.close()  # no error: nothing to save on a dead connection
     assert Item.objects.count() == 0  # the next statement reconnects
+
+
+def _kill_right_after_commit(server, monkeypatch, then=None):
+    """Make the next COMMIT succeed, then lose the session before Django's following
+    SET autocommit=1 (the end of an atomic block): a real KILL (or ``then``)."""
+    db = connections["default"]
+    real_commit = db.commit
+
+    def commit() -> None:
+        real_commit()
+        (then or (lambda: kill_between_statements(server)))()
+
+    monkeypatch.setattr(db, "commit", commit)
+
+
+def test_a_kill_right_after_commit_is_not_reported_as_a_lost_transaction(server, raw, monkeypatch):
+    # Reported as lost, the committed work would be run again by the caller: duplicates.
+    _kill_right_after_commit(server, monkeypatch)
+    hooks = []
+    with transaction.atomic():
+        Item.objects.create(key="a")
+        Item.objects.create(key="b")
+        transaction.on_commit(lambda: hooks.append("ran"))
+    monkeypatch.undo()
+    assert keys(raw) == ["a", "b"]
+    assert hooks == ["ran"]
+    assert connection.get_autocommit() is True
+    Item.objects.create(key="c")  # autocommit, on a new connection: committed at once
+    assert keys(raw) == ["a", "b", "c"]
+
+
+@pytest.mark.restart
+def test_a_server_gone_right_after_commit_leaves_the_block_committed(server, raw, monkeypatch):
+    _kill_right_after_commit(server, monkeypatch, then=server.crash)
+    hooks = []
+    with transaction.atomic():
+        Item.objects.create(key="a")
+        transaction.on_commit(lambda: hooks.append("ran"))
+    monkeypatch.undo()
+    assert hooks == ["ran"]
+    server.start_again()
+    assert keys(raw) == ["a"]
+    Item.objects.create(key="b")
+    assert keys(raw) == ["a", "b"]
+
+
+def test_a_connection_lost_in_manual_mode_raises_once_when_leaving_it(server, raw):
+    transaction.set_autocommit(False)
+    try:
+        Item.objects.create(key="uncommitted")
+        kill_between_statements(server)
+        with pytest.raises(ConnectionLostInTransaction) as caught:
+            transaction.set_autocommit(True)  # MySQL would commit here: the work is gone
+        assert "rolled the transaction back" in str(caught.value)
+    finally:
+        if not connection.get_autocommit():
+            transaction.set_autocommit(True)
+    assert connection.get_autocommit() is True
+    for key in ("next", "and-next"):  # never stuck: plain autocommit statements again
+        Item.objects.create(key=key)
+    assert keys(raw) == ["next", "and-next"]
