@@ -272,10 +272,15 @@ class MariaDBServer:
     def _initialize(self) -> None:
         self.tmpdir = Path(tempfile.mkdtemp(prefix="dbkeepalive-mariadb-"))
         self.socket = str(self.tmpdir / "mysqld.sock")
+        # Temporary tables in a directory of its own: two servers bootstrapping at once
+        # in /tmp (make test runs both drivers' sessions together) were seen to fail
+        # with "Could not remove temporary table ... Unknown table 'mysql.tmp_proxies_priv'".
+        (self.tmpdir / "tmp").mkdir()
         install = [
             _which("mariadb-install-db"),
             "--no-defaults",
             f"--datadir={self.tmpdir / 'data'}",
+            f"--tmpdir={self.tmpdir / 'tmp'}",
             "--auth-root-authentication-method=normal",
             "--skip-test-db",
             f"--user={self._os_user}",
@@ -329,6 +334,7 @@ class MariaDBServer:
             _which("mariadbd"),
             "--no-defaults",  # never read /etc/mysql: the system server's config is not ours
             f"--datadir={self.tmpdir / 'data'}",
+            f"--tmpdir={self.tmpdir / 'tmp'}",
             f"--port={self.port}",
             f"--socket={self.socket}",
             f"--pid-file={self.tmpdir / 'mysqld.pid'}",
