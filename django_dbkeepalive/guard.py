@@ -80,6 +80,8 @@ _CLASS_DEFAULTS: dict[str, Any] = {
     "_dbk_map": None,  # the server's max_allowed_packet for this session (None: not read)
     "_dbk_why": None,  # the Cause of the last connection the guard found lost
     "_dbk_ended": False,  # COMMIT/ROLLBACK ended the transaction, no statement since
+    "_dbk_session": None,  # (thread id, server_id, opened at) of the current session
+    "_dbk_zombie": None,  # the same of a lost session the server may still keep open
 }
 
 _installed = False
@@ -298,13 +300,25 @@ def _read_wait_timeout(conn: Any) -> float:
 
 def _read_server_limits(conn: Any) -> tuple[float, int | None]:
     """The session's ``wait_timeout`` and ``max_allowed_packet``, in one round trip."""
+    wait, packet, _server_id = _read_session(conn)
+    return wait, packet
+
+
+def _read_session(conn: Any) -> tuple[float, int | None, int | None]:
+    """``wait_timeout``, ``max_allowed_packet`` and the server's ``server_id``."""
     cursor = conn.cursor()
     try:
-        cursor.execute("SELECT @@SESSION.wait_timeout, @@SESSION.max_allowed_packet")
+        cursor.execute(
+            "SELECT @@SESSION.wait_timeout, @@SESSION.max_allowed_packet, @@GLOBAL.server_id"
+        )
         row = cursor.fetchone()
     finally:
         cursor.close()
-    return float(row[0]), None if row[1] is None else int(row[1])
+    return (
+        float(row[0]),
+        None if row[1] is None else int(row[1]),
+        None if row[2] is None else int(row[2]),
+    )
 
 
 def _read_max_allowed_packet(db: Any) -> int | None:
@@ -381,6 +395,7 @@ def _on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:
     db._dbk_map = None
     db._dbk_wait = cfg.wait_timeout
     db._dbk_limit = None if cfg.wait_timeout is None else _limit_for(cfg.wait_timeout, cfg)
+    db._dbk_session = None
     _open_wrappers.add(db)
     _arm(db)
     if cfg.tcp_keepalive and db._dbk_ino is not None:
@@ -401,12 +416,66 @@ def _learn_limits(db: Any) -> None:
     server-side close could not be told from a KILL. A disconnect here propagates (the
     connection died while being set up: ``connect()`` handles that)."""
     try:
-        db._dbk_wait, db._dbk_map = _read_server_limits(db.connection)
+        db._dbk_wait, db._dbk_map, server_id = _read_session(db.connection)
     except Exception as exc:
         if classify(exc) is not None:
             raise
         _no_limits(db, exc)
+        server_id = None
     db._dbk_limit = _limit_for(db._dbk_wait, db._dbk_cfg)
+    with contextlib.suppress(Exception):
+        db._dbk_session = (int(db.connection.thread_id()), server_id, _now())
+    zombie = db._dbk_zombie
+    if zombie is not None:
+        db._dbk_zombie = None
+        _end_zombie(db, zombie, server_id)
+
+
+# A lost session the server may still hold open: the network went silent (a read
+# timeout, a flow a NAT or firewall dropped, keepalive probes unanswered), so the server
+# saw no close. Its transaction keeps its row locks until the server's wait_timeout
+# (8 hours by default), and other statements wait on them.
+_ZOMBIE_KINDS = ("timeout", "dead_peer")
+
+
+def _end_zombie(db: Any, zombie: tuple[int, int | None, float], server_id: int | None) -> None:
+    """KILL the previous session of this wrapper from its new connection, when it is
+    provably the same server instance (same ``server_id``, up since before that session
+    opened): a thread id is only unique within one server's lifetime."""
+    thread_id, old_server_id, opened = zombie
+    if server_id is None or old_server_id != server_id:
+        return
+    try:
+        cursor = db.connection.cursor()
+        try:
+            cursor.execute(
+                "SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS "
+                "WHERE VARIABLE_NAME = 'UPTIME'"
+            )
+            row = cursor.fetchone()
+            # Uptime is whole seconds, rounded down: up at least as long as the old
+            # session has existed proves no restart since it opened.
+            if row is None or float(row[0]) < _now() - opened + 0.1:
+                logger.debug(
+                    "dbkeepalive: previous session %d not killed: the server restarted since",
+                    thread_id,
+                )
+                return  # restarted since: that id may be someone else's now
+            cursor.execute(f"KILL {int(thread_id):d}")
+        finally:
+            cursor.close()
+    except Exception as exc:
+        if classify(exc) is not None:
+            raise  # the new connection is lost too: connect() handles that
+        # 1094: it is gone already; 1095: not ours to kill. Nothing to do either way.
+        logger.debug("dbkeepalive: previous session %d not killed (%s)", thread_id, exc)
+        return
+    logger.info(
+        "dbkeepalive: killed the %r connection's previous session %d, which the server "
+        "still held after the network went silent (its transaction's locks are released)",
+        db.alias,
+        thread_id,
+    )
 
 
 def _no_limits(db: Any, exc: BaseException) -> None:
@@ -477,6 +546,8 @@ def _mark_lost(db: Any, disconnect: Disconnect, cause: Cause | None = None) -> N
     db._dbk_lost = disconnect
     db._dbk_why = cause if cause is not None else explain(disconnect.kind)
     db._dbk_due = -INF
+    if db._dbk_why.kind in _ZOMBIE_KINDS and db._dbk_session is not None:
+        db._dbk_zombie = db._dbk_session  # the next connection ends it
 
 
 def _idle_text(idle: float) -> str:

@@ -15,6 +15,7 @@ from django_dbkeepalive import ConnectionLostInTransaction
 from django_dbkeepalive.signals import connection_recycled
 from testproject.testapp.models import Item
 
+from .conftest import wait_for
 from .proxy import FaultProxy
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(30)]
@@ -291,3 +292,61 @@ def test_a_server_that_never_answers_the_login_is_waited_on_once(
     assert "did not complete the login in time" in text
     assert "Nothing was sent" in text
     assert Item.objects.count() == 0  # the real server again: nothing was left behind
+
+
+def test_the_server_side_of_a_blackholed_transaction_is_killed_from_the_new_flow(
+    via_proxy: FaultProxy, db_options, raw: Raw, server
+) -> None:
+    # The server never saw the flow go silent: its session keeps the transaction, and
+    # the row lock on "a", for up to wait_timeout. The next connection ends it, so the
+    # same key can be written at once instead of waiting on that lock.
+    db_options(read_timeout=1)
+    # The kill needs proof of no restart since the old session opened: uptime >= its age.
+    assert wait_for(lambda: int(server.query("SHOW GLOBAL STATUS LIKE 'Uptime'")[0][1]) >= 3)
+    Item.objects.count()
+    old = int(connection.connection.thread_id())
+    with pytest.raises(ConnectionLostInTransaction) as caught:
+        with transaction.atomic():
+            Item.objects.create(key="a")
+            via_proxy.blackhole()
+            Item.objects.create(key="b")
+    assert caught.value.cause == "timeout"
+    # Leaving the block reconnected (SET autocommit=1), and that connection ended it.
+    assert old not in [p["id"] for p in server.processlist()]
+    started = time.monotonic()
+    Item.objects.create(key="a")  # no lock wait on the old session's uncommitted "a"
+    assert time.monotonic() - started < 0.9
+    assert keys(raw) == ["a"]
+
+
+@pytest.mark.restart
+def test_a_session_of_a_restarted_server_is_never_killed_by_id(
+    via_proxy: FaultProxy, db_options, server
+) -> None:
+    # Thread ids start again after a restart: the old id may be someone else's now.
+    import pymysql
+
+    db_options(read_timeout=1)
+    Item.objects.count()
+    old = int(connection.connection.thread_id())
+    via_proxy.blackhole()
+    with pytest.raises(OperationalError):
+        Item.objects.create(key="b")  # times out; the next connection would end it
+    server.restart()
+    bystanders = []
+    try:
+        while not bystanders or bystanders[-1].thread_id() < old:
+            bystanders.append(
+                pymysql.connect(
+                    host=server.host, port=server.port, user=server.user, password=server.password
+                )
+            )
+        victim = next((c for c in bystanders if c.thread_id() == old), None)
+        assert victim is not None, "no session got the old id after the restart"
+        assert Item.objects.count() == 0  # a new connection, which must not KILL the victim
+        with victim.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            assert cursor.fetchone() == (1,)
+    finally:
+        for c in bystanders:
+            c.close()
