@@ -32,6 +32,9 @@ deps: ## check (as root: install) what the build and the tests need from the sys
 	  || { missing="$$missing libmariadb-headers"; pkgs="$$pkgs libmariadb-dev"; }; \
 	command -v cc >/dev/null || { missing="$$missing cc"; pkgs="$$pkgs gcc"; }; \
 	command -v redis-server >/dev/null || { missing="$$missing redis-server"; pkgs="$$pkgs redis-server"; }; \
+	pg_ok() { { command -v initdb && command -v postgres; } >/dev/null 2>&1 \
+	  || ls /usr/lib/postgresql/*/bin/initdb /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; }; \
+	pg_ok || { missing="$$missing postgres"; pkgs="$$pkgs postgresql"; }; \
 	$(PYTHON) -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
 	  || { missing="$$missing Python.h"; pkgs="$$pkgs python3-dev"; }; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null \
@@ -43,10 +46,13 @@ deps: ## check (as root: install) what the build and the tests need from the sys
 	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$pkgs || exit 1; \
 	for cmd in mariadbd mariadb-install-db pkg-config cc redis-server; do \
 	  command -v $$cmd >/dev/null || { echo "still missing after apt-get: $$cmd"; exit 1; }; \
-	done
-# Installing mariadb-server or redis-server (the Celery tests' broker) may start the
-# system service: harmless, the tests always start their own private servers on free
-# ports and never use it.
+	done; \
+	pg_ok || { echo "still missing after apt-get: postgres (initdb, postgres)"; exit 1; }
+# Installing mariadb-server, redis-server (the Celery tests' broker) or postgresql may
+# start the system service (postgresql: the system cluster on port 5432): harmless, the
+# tests always start their own private servers on free ports and never use it. Debian
+# puts initdb and postgres in /usr/lib/postgresql/<version>/bin, off PATH: the tests
+# look there too (tests/postgres.py).
 
 venv: $(VENV)/.installed ## create .venv and install the package with test and lint extras
 
@@ -61,14 +67,20 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 # Both drivers' runs at once by default (each starts its own private servers; the
 # suite mostly waits on sleeps and the network): about half the wall time. SERIAL=1
-# runs one after the other, with live output.
+# runs one after the other, with live output. Each run also takes one PostgreSQL
+# driver: mysqlclient's psycopg (3), PyMySQL's psycopg2 (DBK_PG_DRIVER); with
+# DBK_REQUIRE_POSTGRES=1 a missing PostgreSQL fails the PostgreSQL tests, not skips them.
 SERIAL ?=
+# Shell: the PostgreSQL driver ($pg) of the run of MySQL driver $d.
+PG_DRIVER_OF = pg=psycopg; [ "$$d" != pymysql ] || pg=psycopg2
+TEST_ENV = DBK_DRIVER=$$d DBK_PG_DRIVER=$$pg DBK_REQUIRE_POSTGRES=1
 
 test: venv ## run the tests with mysqlclient and with PyMySQL (SERIAL=1: one by one)
 	@status=0; summary=""; dir=$$(mktemp -d); trap 'rm -rf "$$dir"' EXIT; \
 	if [ -z "$(SERIAL)" ]; then \
 	  for d in $(DRIVERS); do \
-	    ( DBK_DRIVER=$$d $(PY) -m pytest $(PYTEST_ARGS) > "$$dir/$$d.log" 2>&1; \
+	    $(PG_DRIVER_OF); \
+	    ( $(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS) > "$$dir/$$d.log" 2>&1; \
 	      echo $$? > "$$dir/$$d.rc" ) & \
 	  done; \
 	  echo "running the tests with $(DRIVERS) at once (SERIAL=1 for live output)..."; \
@@ -77,16 +89,17 @@ test: venv ## run the tests with mysqlclient and with PyMySQL (SERIAL=1: one by 
 	  done; \
 	fi; \
 	for d in $(DRIVERS); do \
-	  echo "=== DBK_DRIVER=$$d ==="; \
+	  $(PG_DRIVER_OF); \
+	  echo "=== DBK_DRIVER=$$d DBK_PG_DRIVER=$$pg ==="; \
 	  if [ -z "$(SERIAL)" ]; then \
 	    cat "$$dir/$$d.log"; rc=$$(cat "$$dir/$$d.rc"); \
 	  else \
-	    DBK_DRIVER=$$d $(PY) -m pytest $(PYTEST_ARGS) 2>&1 | tee "$$dir/$$d.log"; \
+	    $(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS) 2>&1 | tee "$$dir/$$d.log"; \
 	    rc=$${PIPESTATUS[0]}; \
 	  fi; \
 	  last=$$(tail -n 1 "$$dir/$$d.log" | sed -E 's/^=+ //; s/ =+$$//'); \
 	  if [ "$$rc" = 0 ]; then r=ok; else r="FAILED (exit $$rc)"; status=1; fi; \
-	  summary="$$summary$$d: $$r: $$last"$$'\n'; \
+	  summary="$$summary$$d/$$pg: $$r: $$last"$$'\n'; \
 	done; \
 	printf '%s' "$$summary"; exit $$status
 

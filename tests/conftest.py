@@ -2,23 +2,69 @@
 
 Use pytest-django's ``transactional_db`` (not ``db``): ``db`` wraps each test in a
 transaction, and connection loss inside a transaction is a different code path.
+
+PostgreSQL: ``postgres`` is a private server of the session, ``pg_alias`` the Django
+alias ``"pg"`` on it for one test, ``pg_driver`` the driver Django uses (DBK_PG_DRIVER).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from django.db import Error, connections
+from django.db.backends.base.base import BaseDatabaseWrapper
 
 from .mariadb import MariaDBServer
+from .postgres import PostgresServer, PostgresUnavailable, requested_driver
 from .proxy import HOST as PROXY_HOST
 from .proxy import FaultProxy
 
 MYSQL_ENGINES = ("django.db.backends.mysql",)
+PG_ALIAS = "pg"
+
+
+def _select_pg_driver() -> str:
+    """DBK_PG_DRIVER=psycopg2 hides psycopg 3, so Django's postgresql backend falls back
+    to psycopg2 (it tries ``import psycopg`` first). Must run before anything imports
+    that backend: conftest modules load after django.setup(), which imports no backend
+    of an alias that is not configured (and "pg" is only ever added by pg_alias)."""
+    try:
+        name = requested_driver()
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    if name == "psycopg2":
+        if "django.db.backends.postgresql.base" in sys.modules:
+            raise pytest.UsageError(
+                "DBK_PG_DRIVER=psycopg2 came too late: Django's postgresql backend is"
+                " already imported (with psycopg 3)"
+            )
+        sys.modules["psycopg"] = None  # type: ignore[assignment]  # import psycopg -> ImportError
+    return name
+
+
+PG_DRIVER = _select_pg_driver()
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-django's, which sorts by these names too
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Name ``transactional_db`` among the fixtures of the tests that use ``pg_alias``.
+
+    pytest-django creates the test databases for the tests that look like they use the
+    database (a django_db mark, db or transactional_db among their fixtures). pg_alias
+    requests transactional_db only while it runs (after "pg" exists): without this a
+    run of such tests alone would create no test database and use (and flush!) the
+    real "default" database. Appended, so it still comes after pg_alias.
+    """
+    for item in items:
+        names = getattr(item, "fixturenames", None)
+        if names is not None and "pg_alias" in names and "transactional_db" not in names:
+            names.append("transactional_db")
 
 
 def close_connections() -> None:
@@ -216,3 +262,141 @@ def db_options() -> Iterator[Callable[..., None]]:
     options.clear()
     options.update(saved)
     close_connections()
+
+
+# -- PostgreSQL ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """The session's private PostgreSQL server (see tests/postgres.py).
+
+    Skips when PostgreSQL or a driver is not installed, unless DBK_REQUIRE_POSTGRES is
+    set (``make test`` sets it): then the test fails.
+    """
+    server = PostgresServer()
+    try:
+        try:
+            server.start()
+        except PostgresUnavailable as exc:
+            if os.environ.get("DBK_REQUIRE_POSTGRES"):
+                pytest.fail(f"{exc} (DBK_REQUIRE_POSTGRES is set)", pytrace=False)
+            pytest.skip(str(exc))
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def pg_driver() -> str:
+    """``"psycopg"`` or ``"psycopg2"`` (from DBK_PG_DRIVER), checked against what Django's
+    postgresql backend really uses."""
+    from django.db.backends.postgresql import base, psycopg_any
+
+    actual = "psycopg" if psycopg_any.is_psycopg3 else "psycopg2"
+    module = getattr(base, "Database").__name__  # noqa: B009 (not in django-stubs)
+    assert actual == module == PG_DRIVER, (
+        f"DBK_PG_DRIVER={PG_DRIVER} but Django's postgresql backend uses {module}"
+    )
+    return actual
+
+
+def _close_quietly(alias: str) -> None:
+    """Close this thread's connection of ``alias``, if any, ignoring errors."""
+    for conn in connections.all(initialized_only=True):
+        if conn.alias != alias:
+            continue
+        try:
+            conn.close()
+        except Exception:  # a terminated backend or a restarted server: nothing to close
+            conn.connection = None
+
+
+@pytest.fixture
+def _pg_alias_settings(postgres: PostgresServer, django_db_setup: None) -> Iterator[str]:
+    """Register the ``"pg"`` alias (then remove it again, after pytest-django's test
+    case has flushed it: pg_alias's teardown runs before that, this one after).
+
+    After django_db_setup: else pytest-django, setting up the test databases for the
+    first test that uses pg_alias, would see "pg" (and the test's mark naming it) and
+    create a test database ``test_postgres`` on the server.
+    """
+    from django.conf import settings
+
+    cfg = {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": "postgres",
+        "USER": postgres.user,
+        "PASSWORD": postgres.password,
+        "HOST": postgres.host,
+        "PORT": postgres.port,
+        "CONN_MAX_AGE": None,
+        "OPTIONS": {"connect_timeout": 5},
+    }
+    # The defaults (AUTOCOMMIT, TIME_ZONE, TEST, ...) a configured alias gets.
+    settings_dict = connections.configure_settings({"default": cfg})["default"]
+    connections.settings[PG_ALIAS] = settings_dict
+    settings.DATABASES[PG_ALIAS] = settings_dict
+    try:
+        yield PG_ALIAS
+    finally:
+        _close_quietly(PG_ALIAS)
+        connections.settings.pop(PG_ALIAS, None)
+        settings.DATABASES.pop(PG_ALIAS, None)
+        with contextlib.suppress(Exception):
+            del connections[PG_ALIAS]
+
+
+@pytest.fixture
+def pg_alias(
+    request: pytest.FixtureRequest, postgres: PostgresServer, _pg_alias_settings: str
+) -> Iterator[str]:
+    """The Django alias ``"pg"`` (``connections["pg"]``) on the ``postgres`` server, for
+    this test; yields ``"pg"``. ``CONN_MAX_AGE=None``, database ``postgres``.
+
+    It makes the test transactional and allows ``"pg"`` in it (in every thread) by itself:
+    it marks the test ``django_db(transaction=True, databases=[..., "pg"])`` and then
+    requests ``transactional_db``. So write::
+
+        def test_x(postgres, pg_alias):              # or (postgres, pg_alias, transactional_db)
+            with connections["pg"].cursor() as c:
+                c.execute("SELECT pg_backend_pid()")
+
+    and do NOT mark the test (nor its module) ``django_db``, nor request
+    ``transactional_db``/``db`` before ``pg_alias``: those set up pytest-django's test
+    case before "pg" exists, and then
+    - ``@pytest.mark.django_db(transaction=True, databases=["default", "pg"])`` fails
+      with ImproperlyConfigured ("...databases refers to 'pg' which is not defined in
+      settings.DATABASES"), the mark being handled before any fixture of the test;
+    - ``@pytest.mark.django_db(transaction=True)``, or ``transactional_db`` first, leaves
+      "pg" undeclared, and Django refuses to connect it ("Database queries to 'pg' are
+      not allowed in this test"); pg_alias fails early with a message saying so.
+    No test database is created on the server (the alias is added after django_db_setup):
+    tests run in the ``postgres`` database itself. After the test this thread's "pg"
+    connection is closed (errors ignored), the server started again if a test stopped
+    it, and the alias removed.
+    """
+    node = request.node
+    # A Django test case already set up: Django >= 5.1's patches ensure_connection
+    # while it runs (refusing the aliases the test did not declare).
+    patched = getattr(BaseDatabaseWrapper.ensure_connection, "__name__", "")
+    if node.get_closest_marker("django_db") is not None or patched == "patched_ensure_connection":
+        pytest.fail(
+            "pg_alias must set up the test's database access itself: drop the django_db"
+            " mark (of the test or module) and request pg_alias before transactional_db",
+            pytrace=False,
+        )
+    default_name = connections["default"].settings_dict["NAME"]
+    if not str(default_name).startswith("test_"):  # the flush after the test would hit it
+        pytest.fail(
+            f"no test database for 'default' ({default_name!r}): see pytest_collection_modifyitems"
+        )
+    node.add_marker(pytest.mark.django_db(transaction=True, databases=["default", PG_ALIAS]))
+    request.getfixturevalue("transactional_db")
+    try:
+        yield PG_ALIAS
+    finally:
+        # Before the test case's teardown, which flushes "pg" on a new connection.
+        _close_quietly(PG_ALIAS)
+        if not postgres.running:
+            postgres.start()

@@ -77,6 +77,19 @@ def _die_with_parent() -> None:
         pass
 
 
+def stop_process(
+    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT
+) -> None:
+    """Stop a server process: ``sig`` (its clean shutdown), SIGKILL after ``timeout`` s."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def parse_server_url(value: str) -> tuple[str, str, str, int]:
     """``user:password@host:port`` -> (user, password, host, port); the password may
     hold ``@``/``:``."""
@@ -138,13 +151,7 @@ class MariaDBServer:
         proc = self.process
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
         self.process = None
 
     def restart(self) -> None:

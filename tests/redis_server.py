@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .mariadb import _die_with_parent, _free_port
+from .mariadb import _die_with_parent, _free_port, stop_process
 
 START_TIMEOUT = 15.0
 
@@ -84,13 +84,7 @@ class RedisServer:
         proc = self.process
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, timeout=10)
         self.process = None
 
     def close(self) -> None:
