@@ -185,6 +185,12 @@ REGISTRY: tuple[CheckInfo, ...] = (
         "a non-MySQL alias: the guard enforces only CONN_MAX_AGE on it",
         "configuration",
     ),
+    CheckInfo(
+        "dbkeepalive.I002",
+        "info",
+        "a PostgreSQL alias: guarded, with the differences from MySQL listed",
+        "configuration",
+    ),
 )
 #: The IDs of :data:`REGISTRY`, in order.
 CHECK_IDS: tuple[str, ...] = tuple(info.id for info in REGISTRY)
@@ -417,6 +423,24 @@ def configuration_messages(alias: str) -> list[checks.CheckMessage]:
     found: list[checks.CheckMessage] = []
     if db.vendor == "mysql":
         found += _timeout_messages(alias, db)
+    elif db.vendor == "postgresql":
+        found.append(
+            _message(
+                "dbkeepalive.I002",
+                f"Database {alias!r} uses PostgreSQL: django-dbkeepalive reads the "
+                "server's idle_session_timeout and idle_in_transaction_session_timeout "
+                "when a connection opens, closes a connection idle past them or older "
+                "than CONN_MAX_AGE before its next statement, checks the socket after "
+                "an idle period (a session the server terminated is replaced before "
+                "anything is sent), never reconnects inside a transaction, and re-runs "
+                "a failed read once. Unlike MySQL, idle connections are not pinged and "
+                "the socket is not checked before each write between idle periods.",
+                "Set idle_session_timeout (or keep CONN_MAX_AGE below every idle timeout "
+                "between the application and the server: pooler, load balancer), and "
+                "TCP keepalives (OPTIONS 'keepalives_idle', or DBKEEPALIVE "
+                "TCP_KEEPALIVE) so a flow the network dropped is noticed.",
+            )
+        )
     elif db.vendor not in _SERVERLESS_VENDORS and db.settings_dict.get("ENGINE") != _DUMMY_ENGINE:
         found.append(
             _message(

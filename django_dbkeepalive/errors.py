@@ -2,8 +2,9 @@
 
 :func:`classify` is the one place that decides "is this a disconnect" for every driver:
 it looks at the MySQL error code (never at the text: libmariadb says "Server has gone
-away" where libmysqlclient and PyMySQL say "MySQL server has gone away"), at the driver's
-exception class, and down the ``__cause__`` chain that Django's error wrapper builds.
+away" where libmysqlclient and PyMySQL say "MySQL server has gone away"), at PostgreSQL's
+SQLSTATE (psycopg and psycopg2), at the driver's exception class, and down the
+``__cause__`` chain that Django's error wrapper builds.
 """
 
 from __future__ import annotations
@@ -70,12 +71,62 @@ class Disconnect:
     kind: str
     not_sent: bool
     retryable: bool
+    #: PostgreSQL's SQLSTATE (``"57P01"`` ...), when the driver gave one.
+    sqlstate: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The error's code for a log line: the SQLSTATE, or the MySQL error code."""
+        if self.sqlstate:
+            return self.sqlstate
+        return str(self.code) if self.code > 0 else "(no code)"
 
 
 def _code_of(exc: BaseException) -> int | None:
     args = getattr(exc, "args", ())
     if args and isinstance(args[0], int) and not isinstance(args[0], bool):
         return args[0]
+    return None
+
+
+# PostgreSQL SQLSTATEs that end the session. The server sends them as FATAL errors, then
+# closes the connection.
+_PG_NOT_SENT = {
+    "57P05": "idle_timeout",  # idle_session_timeout: sent while idle, before the statement
+    "25P03": "idle_timeout",  # idle_in_transaction_session_timeout: likewise
+    "57P03": "unreachable",  # cannot_connect_now (the server is starting or stopping)
+    "08001": "unreachable",  # sqlclient_unable_to_establish_sqlconnection
+    "08004": "unreachable",  # sqlserver_rejected_establishment_of_sqlconnection
+    "08003": "closed",  # connection_does_not_exist
+}
+_PG_AMBIGUOUS = {
+    "57P01": "terminated",  # admin_shutdown: pg_terminate_backend(), or a fast shutdown
+    "57P02": "shutdown",  # crash_shutdown: another backend crashed
+    "08000": "lost",  # connection_exception
+    "08006": "lost",  # connection_failure
+    "08007": "lost",  # transaction_resolution_unknown
+}
+
+
+def _classify_pg(exc: BaseException) -> Disconnect | None:
+    """A psycopg (3) or psycopg2 error: by SQLSTATE; without one, by class (the drivers
+    raise ``OperationalError`` with no SQLSTATE only for connection failures, and
+    psycopg2 ``InterfaceError`` for a connection already closed)."""
+    state = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
+    if isinstance(state, str) and state:
+        if state in _PG_NOT_SENT:
+            return Disconnect(-1, _PG_NOT_SENT[state], True, True, sqlstate=state)
+        if state in _PG_AMBIGUOUS or state.startswith("08"):
+            kind = _PG_AMBIGUOUS.get(state, "lost")
+            return Disconnect(-1, kind, False, True, sqlstate=state)
+        return None
+    # The class itself, not its bases: a subclass names one SQLSTATE (psycopg2's
+    # SerializationFailure is an OperationalError too), which is not a lost session.
+    name = type(exc).__name__
+    if name == "InterfaceError":
+        return Disconnect(0, "closed", not_sent=True, retryable=True)
+    if name in ("OperationalError", "ConnectionTimeout"):
+        return Disconnect(-1, "lost", not_sent=False, retryable=True)
     return None
 
 
@@ -107,6 +158,8 @@ def classify(exc: BaseException) -> Disconnect | None:
         if isinstance(current, ConnectionError):
             # A socket error that a driver let through unwrapped.
             return Disconnect(-1, "network", not_sent=False, retryable=True)
+        if type(current).__module__.startswith("psycopg"):  # psycopg, psycopg2
+            return _classify_pg(current)
         current = current.__cause__
     return None
 
@@ -170,6 +223,11 @@ _ADVICE = {
         "If that was not intended, find out what kills connections (an administrator, "
         "a query killer such as pt-kill, a proxy or a failover tool)."
     ),
+    "terminated": (
+        "If that was not intended, find out what terminates sessions (an administrator, "
+        "a job calling pg_terminate_backend(), a failover tool) or whether the server "
+        "restarted."
+    ),
     "closed": (
         "If that was not intended, check the server's error log for a restart and find "
         "out what kills connections."
@@ -206,10 +264,12 @@ def explain(
     idle: float | None = None,
     wait: float | None = None,
     read_timeout: float | None = None,
+    setting: str = "wait_timeout",
 ) -> Cause:
     """The words for a :class:`Cause` of ``kind`` (the kinds of :class:`Disconnect`,
     plus ``"closed"``, ``"reset"`` and ``"timeout"``), with what is known: the idle time
-    before the loss, the server's ``wait_timeout``, the client's ``read_timeout``.
+    before the loss, the server's idle timeout ``wait`` (named ``setting``: PostgreSQL's
+    is ``idle_session_timeout``), the client's ``read_timeout``.
 
     Example::
 
@@ -223,18 +283,19 @@ def explain(
         if idle_s is not None and wait_s is not None:
             what = (
                 f"the server closed it after it sat idle {_seconds(idle_s)}, longer than "
-                f"the server's wait_timeout ({wait_s:g}s)"
+                f"the server's {setting} ({wait_s:g}s)"
             )
         else:
-            what = "the server closed it for inactivity (its wait_timeout)"
+            what = f"the server closed it for inactivity (its {setting})"
         return Cause(
             kind,
             what,
             "Keep idle periods (slow work between two statements) shorter than the "
-            "server's wait_timeout, or raise wait_timeout.",
+            f"server's {setting}, or raise {setting}.",
         )
     what = {
         "killed": "the server killed the session (KILL)",
+        "terminated": ("the server terminated the session (pg_terminate_backend(), or a shutdown)"),
         "closed": (
             "the server closed the session while it was idle: it was killed (KILL), or "
             "the server shut down or restarted"

@@ -72,6 +72,7 @@ _CLASS_DEFAULTS: dict[str, Any] = {
     "_dbk_poll": None,  # the same while guarded: peeked before statements not re-run
     "_dbk_cfg": None,  # AliasSettings
     "_dbk_wait": None,  # the session's effective wait_timeout (None: not known yet)
+    "_dbk_tx_wait": None,  # PostgreSQL's idle_in_transaction_session_timeout, if set
     "_dbk_limit": None,  # idle limit = wait - margin
     "_dbk_lost": None,  # a Disconnect once the connection is known to be dead
     "_dbk_forced": 0,  # scopes (middleware...) that guard it although AUTO_GUARD=False
@@ -83,6 +84,9 @@ _CLASS_DEFAULTS: dict[str, Any] = {
     "_dbk_session": None,  # (thread id, server_id, opened at) of the current session
     "_dbk_zombie": None,  # the same of a lost session the server may still keep open
 }
+
+# Vendors whose server closes idle sessions and whose socket the guard can watch.
+_SERVER_VENDORS = ("mysql", "postgresql")
 
 _installed = False
 _install_lock = threading.Lock()
@@ -240,15 +244,17 @@ def _peek_why(db: Any) -> str:
     the driver could need: ``"eof"`` (the server closed it: KILL, shutdown),
     ``"reset"`` (an RST: MariaDB's wait_timeout close, or the network), ``"dead_peer"``
     (the kernel gave up on unanswered TCP keepalive probes), ``"error:CODE"``
-    (an unsolicited error packet, e.g. 4031) or ``"unknown"``. One ``recv(MSG_PEEK)``;
+    (an unsolicited MySQL error packet, e.g. 4031), ``"sqlstate:STATE"`` (PostgreSQL's
+    FATAL error before it closed, e.g. 57P05) or ``"unknown"``. One ``recv(MSG_PEEK)``;
     only called once the connection is known to be dead."""
     fd = _verified_fd(db)
     if fd is None:
         return "unknown"
+    postgres = db.vendor == "postgresql"
     try:
         with _socket_for(fd) as sock:
             try:
-                head = sock.recv(7, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                head = sock.recv(512 if postgres else 7, socket.MSG_PEEK | socket.MSG_DONTWAIT)
             except ConnectionResetError:
                 return "reset"
             except TimeoutError:  # ETIMEDOUT: TCP keepalive probes went unanswered
@@ -259,9 +265,29 @@ def _peek_why(db: Any) -> str:
         return "unknown"
     if not head:
         return "eof"
+    if postgres:
+        state = _pg_error_state(head)
+        return "unknown" if state is None else f"sqlstate:{state}"
     if len(head) >= 7 and head[4] == 0xFF:  # 3-byte length, sequence, 0xFF, code
         return f"error:{int.from_bytes(head[5:7], 'little')}"
     return "unknown"
+
+
+def _pg_error_state(data: bytes) -> str | None:
+    """The SQLSTATE of a PostgreSQL ErrorResponse message at the start of ``data``:
+    ``E``, a 4-byte length, then fields of a type byte and a NUL-terminated string;
+    ``C`` is the code."""
+    if len(data) < 6 or data[0:1] != b"E":
+        return None
+    pos = 5
+    while pos < len(data) and data[pos] != 0:
+        end = data.find(b"\0", pos + 1)
+        if end < 0:
+            return None
+        if data[pos : pos + 1] == b"C":
+            return data[pos + 1 : end].decode("ascii", "replace")
+        pos = end + 1
+    return None
 
 
 def _set_keepalive(db: Any, idle: int) -> None:
@@ -387,21 +413,29 @@ def _on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:
     now = _now()
     db._dbk_cfg = cfg
     db._dbk_conn = db.connection
-    db._dbk_ino = _socket_id(db.connection) if db.vendor == "mysql" else None
-    db._dbk_poller = None if db._dbk_ino is None else _poller(db._dbk_ino[0])
+    db._dbk_ino = _socket_id(db.connection) if db.vendor in _SERVER_VENDORS else None
+    # The peek before every write (see _wrap_execute) is MySQL's only: it reads sql[0],
+    # and another backend may be given SQL objects (psycopg.sql.Composed), not strings.
+    db._dbk_poller = (
+        _poller(db._dbk_ino[0]) if db._dbk_ino is not None and db.vendor == "mysql" else None
+    )
     db._dbk_last = now
     db._dbk_lost = None
     db._dbk_why = None
     db._dbk_map = None
     db._dbk_wait = cfg.wait_timeout
     db._dbk_limit = None if cfg.wait_timeout is None else _limit_for(cfg.wait_timeout, cfg)
+    db._dbk_tx_wait = None
     db._dbk_session = None
     _open_wrappers.add(db)
     _arm(db)
     if cfg.tcp_keepalive and db._dbk_ino is not None:
         _set_keepalive(db, cfg.tcp_keepalive)
-    if db._dbk_on and db._dbk_limit is None and db.vendor == "mysql":
-        _learn_limits(db)
+    if db._dbk_on and db._dbk_limit is None:
+        if db.vendor == "mysql":
+            _learn_limits(db)
+        elif db.vendor == "postgresql":
+            _learn_pg_limits(db)
     if db._dbk_manual:
         # The connection was lost in a transaction the code manages by hand; reopen it
         # in the same mode so later statements are not silently autocommitted.
@@ -429,6 +463,59 @@ def _learn_limits(db: Any) -> None:
     if zombie is not None:
         db._dbk_zombie = None
         _end_zombie(db, zombie, server_id)
+
+
+def _read_pg_timeouts(conn: Any) -> tuple[float | None, float | None]:
+    """PostgreSQL's ``idle_session_timeout`` (14+) and
+    ``idle_in_transaction_session_timeout`` for this session, in seconds (``None``: off
+    or unknown to this server)."""
+    cursor = conn.cursor()
+    try:
+        cursor.execute(
+            "SELECT (SELECT setting FROM pg_settings WHERE name = 'idle_session_timeout'), "
+            "(SELECT setting FROM pg_settings "
+            "WHERE name = 'idle_in_transaction_session_timeout')"
+        )
+        row = cursor.fetchone()
+    finally:
+        cursor.close()
+    # pg_settings gives both in milliseconds; 0 turns the timeout off.
+    found = [None if v is None or int(v) <= 0 else int(v) / 1000.0 for v in row]
+    return found[0], found[1]
+
+
+def _learn_pg_limits(db: Any) -> None:
+    """Read PostgreSQL's idle timeouts as the connection opens (one round trip), like
+    :func:`_learn_limits` for MySQL. With none set the server never closes an idle
+    session itself; the peek still sees a session it terminated."""
+    conn = db.connection
+    try:
+        session, in_tx = _read_pg_timeouts(conn)
+    except Exception as exc:
+        if classify(exc) is not None:
+            raise
+        logger.warning(
+            "dbkeepalive: could not read idle_session_timeout on %r (%s); set "
+            "DBKEEPALIVE['WAIT_TIMEOUT'] to give the guard an idle limit",
+            db.alias,
+            type(exc).__name__,
+        )
+        session, in_tx = None, None
+    finally:
+        if not db.autocommit:
+            # Without autocommit the read opened a transaction: end it, as new.
+            with contextlib.suppress(Exception):
+                conn.rollback()
+    db._dbk_wait = INF if session is None else session
+    db._dbk_tx_wait = in_tx
+    db._dbk_limit = _limit_for(db._dbk_wait, db._dbk_cfg)
+
+
+def _timeout_setting(db: Any, in_tx: bool = False) -> str:
+    """The name of the server's idle timeout, for messages."""
+    if db.vendor == "postgresql":
+        return "idle_in_transaction_session_timeout" if in_tx else "idle_session_timeout"
+    return "wait_timeout"
 
 
 # A lost session the server may still hold open: the network went silent (a read
@@ -568,11 +655,17 @@ def _lost_in_transaction(
 ) -> ConnectionLostInTransaction:
     limit = db._dbk_limit
     wait = db._dbk_wait
-    limits = (
-        f"the guard's idle limit is {limit:.1f}s, the server's wait_timeout {wait:g}s"
-        if limit is not None and wait is not None and wait < INF
-        else "the server's wait_timeout is not known yet"
-    )
+    if db.vendor == "postgresql":
+        tx_wait = db._dbk_tx_wait
+        limits = (
+            f"the server's idle_in_transaction_session_timeout is {tx_wait:g}s"
+            if tx_wait is not None
+            else "the server's idle_in_transaction_session_timeout is off"
+        )
+    elif limit is not None and wait is not None and wait < INF:
+        limits = f"the guard's idle limit is {limit:.1f}s, the server's wait_timeout {wait:g}s"
+    else:
+        limits = "the server's wait_timeout is not known yet"
     if cause.kind == "fork":
         # The parent process still holds the session and its transaction: it may well
         # commit it. Redoing the work here would write it twice.
@@ -666,6 +759,8 @@ def _before(db: Any, cursor: Any = None, *, force: bool = False) -> None:
         _discard(db, "fork" if lost is _FORK else "disconnected", idle)
     elif db.vendor == "mysql":
         _check_mysql(db, idle, in_tx)
+    elif db.vendor == "postgresql":
+        _check_postgres(db, idle, in_tx)
     elif not in_tx and _obsolete(db, now):
         _discard(db, "max_age", idle, graceful=True)
     if (
@@ -676,7 +771,7 @@ def _before(db: Any, cursor: Any = None, *, force: bool = False) -> None:
     ):
         db._dbk_last = now
         db._dbk_due = now + db._dbk_cfg.peek_after if _guarded(db) else INF
-    if cursor is not None and db.vendor == "mysql":
+    if cursor is not None and db.vendor in _SERVER_VENDORS:
         db.ensure_connection()
         _rebind(cursor, db)
 
@@ -765,18 +860,77 @@ def _check_mysql(db: Any, idle: float, in_tx: bool) -> None:
             _ping_failed(db, idle, in_tx, exc)
 
 
+def _check_postgres(db: Any, idle: float, in_tx: bool) -> None:
+    """PostgreSQL: the peek, ``CONN_MAX_AGE``, and the server's idle timeouts
+    (``idle_session_timeout`` outside a transaction, ``idle_in_transaction_session_timeout``
+    inside one). No ping: the peek sees every session the server ended (it sends a FATAL
+    error, then closes), and TCP_KEEPALIVE covers a flow the network dropped."""
+    if not in_tx and _obsolete(db, _now()):
+        _discard(db, "max_age", idle, graceful=True)
+        return
+    readable = _peek(db)
+    limit: float | None = db._dbk_limit
+    if limit is None and db._dbk_wait is None and not in_tx and not readable:
+        # Opened while nothing guarded it: learn the limits now (outside a transaction
+        # only: inside one the read would be part of it).
+        try:
+            _learn_pg_limits(db)
+        except Exception as exc:
+            _ping_failed(db, idle, in_tx, exc)
+            return
+        limit = db._dbk_limit
+    tx_wait: float | None = db._dbk_tx_wait
+    watch = tx_wait if in_tx else limit
+    if not readable and watch is not None and idle > watch:
+        # How long the server has been silent, not this path. (Not once it is readable:
+        # its FATAL error before closing is data, and would reset that count.)
+        kernel = _kernel_idle(db)
+        if kernel is not None:
+            idle = min(idle, kernel)
+    if readable:
+        if limit is not None and idle > limit:
+            _note_idle(db, idle, limit)
+        cause = _closed_while_idle(db, idle)
+        if in_tx:
+            _mark_lost(db, Disconnect(-1, "gone", not_sent=True, retryable=True), cause)
+            raise _lost_in_transaction(db, cause, idle)
+        _discard(db, "disconnected", idle, cause=cause)
+        return
+    if in_tx:
+        if tx_wait is not None and idle >= tx_wait:
+            # The server ends the session now, if it has not already: do not send on it.
+            cause = explain(
+                "idle_timeout", idle=idle, wait=tx_wait, setting=_timeout_setting(db, True)
+            )
+            _mark_lost(db, Disconnect(-1, "idle_timeout", False, True), cause)
+            raise _lost_in_transaction(db, cause, idle)
+        return
+    if limit is not None and idle > limit:
+        _note_idle(db, idle, limit)
+        _discard(db, "idle", idle)
+
+
 def _closed_while_idle(db: Any, idle: float) -> Cause:
     """Why an idle connection's socket turned readable (see :func:`_peek_why`)."""
     why = _peek_why(db)
     wait = db._dbk_wait
+    setting = _timeout_setting(db)
     codes = {1927: "killed", 3169: "killed", 1053: "shutdown", 4031: "idle_timeout"}
     if why.startswith("error:"):
         kind = codes.get(int(why[6:]), "gone")
+    elif why.startswith("sqlstate:"):
+        state = why[9:]
+        kind = {"57P01": "terminated", "57P02": "shutdown", "57P05": "idle_timeout"}.get(
+            state, "gone"
+        )
+        if state == "25P03":
+            kind, wait = "idle_timeout", db._dbk_tx_wait
+            setting = _timeout_setting(db, True)
     elif wait is not None and idle >= wait:
         kind = "idle_timeout"
     else:
         kind = {"eof": "closed", "reset": "reset", "dead_peer": "dead_peer"}.get(why, "gone")
-    return explain(kind, idle=idle, wait=wait)
+    return explain(kind, idle=idle, wait=wait, setting=setting)
 
 
 def _ping_failed(db: Any, idle: float, in_tx: bool, exc: BaseException) -> None:
@@ -807,7 +961,9 @@ def _failure_cause(db: Any, found: Disconnect, exc: BaseException, *, pymysql: b
             evidence = "timeout"
         if evidence is not None:
             return explain(evidence, read_timeout=read_timeout)
-    return explain(kind, wait=db._dbk_wait)
+    if found.sqlstate == "25P03":
+        return explain(kind, wait=db._dbk_tx_wait, setting=_timeout_setting(db, True))
+    return explain(kind, wait=db._dbk_wait, setting=_timeout_setting(db))
 
 
 def _statement_size(statement: tuple[Any, Any, bool] | None) -> int | None:
@@ -929,7 +1085,7 @@ def _failed(
     logger.info(
         "dbkeepalive: re-running a statement on a new %r connection after error %s (%s)",
         db.alias,
-        found.code,
+        found.label,
         cause.what,
     )
     try:

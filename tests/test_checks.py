@@ -115,9 +115,9 @@ def down_alias(alias: str = "down", **changes: Any) -> Iterator[str]:
 def other_vendor_alias(alias: str = "other") -> Iterator[str]:
     """An alias on a non-MySQL backend with a server (vendor ``othersql``).
 
-    PostgreSQL's backend needs psycopg, which the test environment does not install;
-    the check looks at the backend's ``vendor`` only, so a SQLite-based backend that
-    calls itself something else exercises the same path. Nothing connects to it.
+    The check looks at the backend's ``vendor`` only, so a SQLite-based backend that
+    calls itself something else stands for any backend the guard has no rules for
+    (PostgreSQL has its own, I002: tests/test_postgres.py). Nothing connects to it.
     """
     from django.db.backends.sqlite3 import base as sqlite_base
 

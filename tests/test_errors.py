@@ -89,6 +89,49 @@ def test_other_errors_are_not_disconnects(exc):
     assert classify(exc) is None
 
 
+def _psycopg_errors():
+    """psycopg 3's error classes, or a skip in the psycopg2 run (where it is hidden)."""
+    return pytest.importorskip("psycopg.errors")
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "not_sent"),
+    [
+        ("AdminShutdown", "terminated", False),  # 57P01: pg_terminate_backend, shutdown
+        ("CrashShutdown", "shutdown", False),  # 57P02
+        ("IdleSessionTimeout", "idle_timeout", True),  # 57P05: sent while idle
+        ("IdleInTransactionSessionTimeout", "idle_timeout", True),  # 25P03
+        ("CannotConnectNow", "unreachable", True),  # 57P03
+        ("ConnectionFailure", "lost", False),  # 08006
+        ("ConnectionDoesNotExist", "closed", True),  # 08003
+    ],
+)
+def test_psycopg_disconnects_are_recognised_by_sqlstate_through_django(name, kind, not_sent):
+    driver_error = getattr(_psycopg_errors(), name)("terminating connection")
+    wrapped = OperationalError(*driver_error.args)  # as Django's error wrapper raises it
+    wrapped.__cause__ = driver_error
+    found = classify(wrapped)
+    assert found is not None
+    assert (found.kind, found.not_sent, found.sqlstate) == (kind, not_sent, driver_error.sqlstate)
+
+
+@pytest.mark.parametrize(
+    "name", ["QueryCanceled", "SerializationFailure", "LockNotAvailable", "UniqueViolation"]
+)
+def test_psycopg_errors_of_a_working_session_are_not_disconnects(name):
+    # Some are OperationalError subclasses too: the SQLSTATE decides, not the class.
+    assert classify(getattr(_psycopg_errors(), name)("no")) is None
+
+
+def test_psycopg2_connection_errors_without_sqlstate_are_disconnects():
+    psycopg2 = pytest.importorskip("psycopg2")
+    closed = classify(psycopg2.InterfaceError("connection already closed"))
+    assert closed is not None and closed.kind == "closed" and closed.not_sent
+    lost = classify(psycopg2.OperationalError("server closed the connection unexpectedly"))
+    assert lost is not None and lost.kind == "lost" and not lost.not_sent
+    assert classify(psycopg2.errors.lookup("40001")("could not serialize")) is None
+
+
 def test_packet_too_large_is_a_disconnect_that_is_never_retried():
     found = classify(
         pymysql.err.OperationalError(1153, "Got a packet bigger than 'max_allowed_packet' bytes")

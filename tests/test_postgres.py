@@ -1,0 +1,259 @@
+"""The guard on a PostgreSQL alias, against the private PostgreSQL server: a terminated
+session, idle_session_timeout, idle_in_transaction_session_timeout, a restart, the retry
+rules and the messages. The driver is psycopg 3 or psycopg2 (DBK_PG_DRIVER)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.core import checks
+from django.db import Error, OperationalError, connections, transaction
+from django.test import override_settings
+
+from django_dbkeepalive import ConnectionLostInTransaction
+from django_dbkeepalive.checks import configuration_messages
+from django_dbkeepalive.errors import classify
+from django_dbkeepalive.signals import connection_recycled
+
+from .postgres import PostgresServer
+
+TABLE = "dbk_pg_rows"
+
+
+@pytest.fixture
+def pg(postgres: PostgresServer, pg_alias: str, pg_driver: str) -> Iterator[Any]:
+    """The "pg" wrapper of this thread, connected, with an empty table of unique keys."""
+    postgres.query(f"CREATE TABLE IF NOT EXISTS {TABLE} (k text PRIMARY KEY)")
+    postgres.query(f"TRUNCATE {TABLE}")
+    db = connections[pg_alias]
+    db.ensure_connection()
+    yield db
+    for name in ("idle_session_timeout", "idle_in_transaction_session_timeout"):
+        postgres.reset_system(name)
+
+
+@pytest.fixture
+def recycles() -> Iterator[list[tuple[str, str]]]:
+    """Every ``connection_recycled`` signal during the test: (alias, reason)."""
+    seen: list[tuple[str, str]] = []
+
+    def receiver(sender: str, reason: str, **kwargs: Any) -> None:
+        seen.append((sender, reason))
+
+    connection_recycled.connect(receiver)
+    yield seen
+    connection_recycled.disconnect(receiver)
+
+
+def backend_pid(db: Any) -> int:
+    with db.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return int(cursor.fetchone()[0])
+
+
+def insert(db: Any, key: str) -> None:
+    with db.cursor() as cursor:
+        cursor.execute(f"INSERT INTO {TABLE} (k) VALUES (%s)", [key])
+
+
+def keys(postgres: PostgresServer) -> list[str]:
+    """The rows, read over the server's own admin connection."""
+    return [row[0] for row in postgres.query(f"SELECT k FROM {TABLE} ORDER BY k")]
+
+
+def fresh_session(db: Any) -> int:
+    """Close ``db`` so the next statement opens a session with the current settings."""
+    db.close()
+    return backend_pid(db)
+
+
+def test_a_terminated_idle_session_is_replaced_before_the_next_read_and_write(
+    postgres: PostgresServer, pg: Any, recycles: list[tuple[str, str]]
+) -> None:
+    old = backend_pid(pg)
+    assert postgres.terminate(old)
+    time.sleep(0.3)  # past PEEK_AFTER: the next statement peeks first
+
+    new = backend_pid(pg)
+    assert new != old
+    postgres.terminate(new)
+    time.sleep(0.3)
+    insert(pg, "after-terminate")
+
+    assert keys(postgres) == ["after-terminate"]
+    assert recycles == [("pg", "disconnected"), ("pg", "disconnected")]
+
+
+def test_a_cursor_created_before_the_terminate_works_after_it(
+    postgres: PostgresServer, pg: Any
+) -> None:
+    cursor = pg.cursor()
+    try:
+        cursor.execute("SELECT pg_backend_pid()")
+        old = cursor.fetchone()[0]
+        postgres.terminate(old)
+        time.sleep(0.3)
+        cursor.execute("SELECT pg_backend_pid()")
+        assert cursor.fetchone()[0] != old
+        cursor.execute(f"INSERT INTO {TABLE} (k) VALUES (%s)", ["reused"])
+    finally:
+        cursor.close()
+    assert keys(postgres) == ["reused"]
+
+
+# PEEK_AFTER = 1000: every statement takes the hot path, as one sent right after the
+# previous statement: on PostgreSQL nothing peeks at the socket there.
+@override_settings(DBKEEPALIVE={"PEEK_AFTER": 1000})
+def test_a_read_right_after_a_terminate_is_run_again_on_a_new_session(
+    postgres: PostgresServer, pg: Any, recycles: list[tuple[str, str]]
+) -> None:
+    old = backend_pid(pg)
+    postgres.terminate(old)
+    # No peek: the read is sent on the dead session, fails, and runs again once on a
+    # new one.
+    assert backend_pid(pg) != old
+    assert recycles == [("pg", "disconnected")]
+
+
+@override_settings(DBKEEPALIVE={"PEEK_AFTER": 1000})
+def test_a_write_that_failed_on_a_terminated_session_is_not_run_again(
+    postgres: PostgresServer, pg: Any
+) -> None:
+    old = backend_pid(pg)
+    postgres.terminate(old)
+    with pytest.raises(OperationalError) as info:
+        insert(pg, "unknown-fate")  # no peek: sent on the dead session
+    assert classify(info.value) is not None
+    notes = " ".join(getattr(info.value, "__notes__", []))
+    assert "'pg'" in notes and "It was not run again" in notes
+
+    assert keys(postgres) == []  # the server never ran it, and the guard did not re-run it
+    insert(pg, "next")  # the next statement works, on a new session
+    assert keys(postgres) == ["next"]
+    assert backend_pid(pg) != old
+
+
+def test_idle_session_timeout_is_read_and_an_idle_connection_is_replaced_before_it(
+    postgres: PostgresServer, pg: Any, recycles: list[tuple[str, str]]
+) -> None:
+    postgres.set_system("idle_session_timeout", "3s")
+    old = fresh_session(pg)
+    assert pg._dbk_wait == 3.0
+    assert pg._dbk_limit == 1.5  # 3 s - min(MARGIN, half of it)
+
+    time.sleep(2.0)  # past the limit, not past the server's timeout: it is still open
+    assert old in postgres.backends()
+    new = backend_pid(pg)
+
+    assert new != old
+    assert recycles == [("pg", "idle")]
+    # Closed by the guard, not by the server, and without a COM_QUIT-like wait.
+    assert old not in postgres.backends()
+
+
+def test_a_session_closed_by_idle_session_timeout_is_replaced_and_named(
+    postgres: PostgresServer,
+    pg: Any,
+    recycles: list[tuple[str, str]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    postgres.set_system("idle_session_timeout", "1s")
+    old = fresh_session(pg)
+    time.sleep(1.6)
+    assert old not in postgres.backends()  # the server ended it
+
+    with caplog.at_level("INFO", logger="django_dbkeepalive"):
+        insert(pg, "after-idle-timeout")
+
+    assert keys(postgres) == ["after-idle-timeout"]
+    assert recycles == [("pg", "disconnected")]
+    assert "idle_session_timeout (1s)" in caplog.text
+
+
+def test_a_terminate_inside_atomic_raises_and_nothing_of_the_block_is_committed(
+    postgres: PostgresServer, pg: Any
+) -> None:
+    with pytest.raises(ConnectionLostInTransaction) as info:
+        with transaction.atomic(using="pg"):
+            insert(pg, "in-block-1")
+            postgres.terminate(backend_pid(pg))
+            time.sleep(0.3)
+            insert(pg, "in-block-2")
+    message = str(info.value)
+    assert "'pg'" in message and "pg_terminate_backend()" in message
+    assert info.value.cause == "terminated"
+    assert keys(postgres) == []
+
+    insert(pg, "after-block")  # the connection works again after the block
+    assert keys(postgres) == ["after-block"]
+
+
+def test_idle_in_transaction_timeout_raises_before_sending_and_commits_nothing(
+    postgres: PostgresServer, pg: Any
+) -> None:
+    postgres.set_system("idle_in_transaction_session_timeout", "1s")
+    fresh_session(pg)
+    assert pg._dbk_tx_wait == 1.0
+
+    with pytest.raises(ConnectionLostInTransaction) as info:
+        with transaction.atomic(using="pg"):
+            insert(pg, "in-block")
+            time.sleep(1.3)
+            insert(pg, "too-late")
+    assert "idle_in_transaction_session_timeout (1s)" in str(info.value)
+    assert info.value.cause == "idle_timeout"
+    assert keys(postgres) == []
+    insert(pg, "after-block")
+    assert keys(postgres) == ["after-block"]
+
+
+def test_a_restarted_server_is_survived_by_the_next_read_and_write(
+    postgres: PostgresServer, pg: Any
+) -> None:
+    old = backend_pid(pg)
+    postgres.restart()
+    time.sleep(0.2)
+    assert backend_pid(pg) != old
+    insert(pg, "after-restart")
+    assert keys(postgres) == ["after-restart"]
+
+
+def test_conn_max_age_closes_an_old_connection_before_its_next_statement(
+    postgres: PostgresServer, pg: Any, recycles: list[tuple[str, str]]
+) -> None:
+    pg.settings_dict["CONN_MAX_AGE"] = 1
+    old = fresh_session(pg)
+    time.sleep(1.2)
+    assert backend_pid(pg) != old
+    assert recycles == [("pg", "max_age")]
+
+
+def test_a_postgresql_alias_gets_the_info_that_names_what_is_not_covered(pg: Any) -> None:
+    found = configuration_messages("pg")
+    assert [m.id for m in found] == ["dbkeepalive.I002"]
+    assert found[0].level == checks.INFO
+    assert "'pg'" in found[0].msg and "not pinged" in found[0].msg
+
+
+def test_the_drivers_disconnect_errors_are_classified_by_sqlstate(
+    postgres: PostgresServer, pg: Any
+) -> None:
+    # A statement error of the server (not a lost connection) is not a disconnect.
+    with pytest.raises(Error) as info:
+        with pg.cursor() as cursor:
+            cursor.execute("SELECT 1/0")
+    assert classify(info.value) is None
+    assert backend_pid(pg)  # the session is still fine
+
+    postgres.terminate(backend_pid(pg))
+    time.sleep(0.3)
+    raw = pg.connection.cursor()  # the driver's own cursor: the guard is not in the way
+    with pytest.raises(Exception) as lost:
+        raw.execute("SELECT 1")
+    found = classify(lost.value)
+    assert found is not None
+    assert found.kind in ("terminated", "lost")  # psycopg reads the FATAL, psycopg2 not
+    pg.close()
