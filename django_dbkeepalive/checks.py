@@ -431,10 +431,10 @@ def configuration_messages(alias: str) -> list[checks.CheckMessage]:
                 "server's idle_session_timeout and idle_in_transaction_session_timeout "
                 "when a connection opens, closes a connection idle past them or older "
                 "than CONN_MAX_AGE before its next statement, checks the socket after "
-                "an idle period (a session the server terminated is replaced before "
-                "anything is sent), never reconnects inside a transaction, and re-runs "
-                "a failed read once. Unlike MySQL, idle connections are not pinged and "
-                "the socket is not checked before each write between idle periods.",
+                "an idle period and before each write (a session the server terminated "
+                "is replaced before anything is sent), never reconnects inside a "
+                "transaction, and re-runs a failed read once. Unlike MySQL, idle "
+                "connections are not pinged and the database checks do not run.",
                 "Set idle_session_timeout (or keep CONN_MAX_AGE below every idle timeout "
                 "between the application and the server: pooler, load balancer), and "
                 "TCP keepalives (OPTIONS 'keepalives_idle', or DBKEEPALIVE "

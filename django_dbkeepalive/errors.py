@@ -383,11 +383,19 @@ _LOCKING_CLAUSE = re.compile(
 )
 
 
+_WRITES = re.compile(r"\b(INSERT|UPDATE|DELETE|REPLACE|MERGE|INTO)\b", re.IGNORECASE)
+
+
 def is_read(sql: object) -> bool:
-    """``True`` for a statement that starts like a read (``SELECT``, ``SHOW`` ...)."""
+    """``True`` for a statement that starts like a read (``SELECT``, ``SHOW`` ...) and
+    writes nothing (not ``WITH ... INSERT``, not ``SELECT ... INTO``)."""
     if isinstance(sql, bytes):
         sql = sql.decode("utf-8", "replace")
-    return isinstance(sql, str) and bool(_READ_START.match(sql))
+    return (
+        isinstance(sql, str)
+        and bool(_READ_START.match(sql))
+        and not _WRITES.search(_LOCKING_CLAUSE.sub(" ", sql))
+    )
 
 
 def is_retryable_read(sql: object) -> bool:

@@ -245,8 +245,9 @@ def _peek_why(db: Any) -> str:
     ``"reset"`` (an RST: MariaDB's wait_timeout close, or the network), ``"dead_peer"``
     (the kernel gave up on unanswered TCP keepalive probes), ``"error:CODE"``
     (an unsolicited MySQL error packet, e.g. 4031), ``"sqlstate:STATE"`` (PostgreSQL's
-    FATAL error before it closed, e.g. 57P05) or ``"unknown"``. One ``recv(MSG_PEEK)``;
-    only called once the connection is known to be dead."""
+    FATAL error before it closed, e.g. 57P05), ``"message"`` (PostgreSQL sent something
+    else unasked: a LISTEN notification, the session is alive) or ``"unknown"``. One
+    ``recv(MSG_PEEK)``, only called once the socket is readable while idle."""
     fd = _verified_fd(db)
     if fd is None:
         return "unknown"
@@ -267,7 +268,8 @@ def _peek_why(db: Any) -> str:
         return "eof"
     if postgres:
         state = _pg_error_state(head)
-        return "unknown" if state is None else f"sqlstate:{state}"
+        # Another message (a LISTEN notification, a notice) is no sign of a close.
+        return "message" if state is None else f"sqlstate:{state}"
     if len(head) >= 7 and head[4] == 0xFF:  # 3-byte length, sequence, 0xFF, code
         return f"error:{int.from_bytes(head[5:7], 'little')}"
     return "unknown"
@@ -414,11 +416,7 @@ def _on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:
     db._dbk_cfg = cfg
     db._dbk_conn = db.connection
     db._dbk_ino = _socket_id(db.connection) if db.vendor in _SERVER_VENDORS else None
-    # The peek before every write (see _wrap_execute) is MySQL's only: it reads sql[0],
-    # and another backend may be given SQL objects (psycopg.sql.Composed), not strings.
-    db._dbk_poller = (
-        _poller(db._dbk_ino[0]) if db._dbk_ino is not None and db.vendor == "mysql" else None
-    )
+    db._dbk_poller = None if db._dbk_ino is None else _poller(db._dbk_ino[0])
     db._dbk_last = now
     db._dbk_lost = None
     db._dbk_why = None
@@ -868,7 +866,7 @@ def _check_postgres(db: Any, idle: float, in_tx: bool) -> None:
     if not in_tx and _obsolete(db, _now()):
         _discard(db, "max_age", idle, graceful=True)
         return
-    readable = _peek(db)
+    readable = _peek(db) and not _only_a_message(db)
     limit: float | None = db._dbk_limit
     if limit is None and db._dbk_wait is None and not in_tx and not readable:
         # Opened while nothing guarded it: learn the limits now (outside a transaction
@@ -908,6 +906,12 @@ def _check_postgres(db: Any, idle: float, in_tx: bool) -> None:
     if limit is not None and idle > limit:
         _note_idle(db, idle, limit)
         _discard(db, "idle", idle)
+
+
+def _only_a_message(db: Any) -> bool:
+    """A readable PostgreSQL socket that holds a message for the driver (a LISTEN
+    notification), not a close: the session is fine."""
+    return bool(db.vendor == "postgresql" and _peek_why(db) == "message")
 
 
 def _closed_while_idle(db: Any, idle: float) -> Cause:
@@ -1187,15 +1191,21 @@ def _wrap_execute(original: Callable[..., Any]) -> Callable[..., Any]:
     # Two bodies, chosen once: a test of _INLINE on every statement costs ~150
     # instructions. `sql and sql[0]` tells a SELECT/SHOW (re-run if the link broke)
     # from a statement that may not be re-run, which is never sent on a session the
-    # server has closed: ~60 instructions cheaper than `sql[:1]`, and only evaluated
-    # for a MySQL connection (another backend may pass SQL objects, not strings).
+    # server has closed: ~60 instructions cheaper than `sql[:1]`. It is evaluated only
+    # on a connection with a socket to poll (MySQL, PostgreSQL); SQL that is not a
+    # string (psycopg's sql.Composed has no [0]) is peeked at in the `except`, which
+    # costs nothing until it runs (Python 3.11+).
     if _INLINE:
 
         def execute(self: Any, sql: Any, params: Any = None, _now: Any = _now) -> Any:
             db = self.db
-            if _now() > db._dbk_due or (
-                (poll := db._dbk_poll) is not None and sql and sql[0] != "S" and poll(0)
-            ):
+            try:
+                due = _now() > db._dbk_due or (
+                    (poll := db._dbk_poll) is not None and sql and sql[0] != "S" and poll(0)
+                )
+            except Exception:  # SQL that is no string (psycopg's sql.Composed): peek
+                due = bool(poll(0))
+            if due:
                 _before(db, self)
             try:
                 return self._execute_with_wrappers(sql, params, many=False, executor=self._execute)
@@ -1206,9 +1216,13 @@ def _wrap_execute(original: Callable[..., Any]) -> Callable[..., Any]:
 
         def execute(self: Any, sql: Any, params: Any = None, _now: Any = _now) -> Any:
             db = self.db
-            if _now() > db._dbk_due or (
-                (poll := db._dbk_poll) is not None and sql and sql[0] != "S" and poll(0)
-            ):
+            try:
+                due = _now() > db._dbk_due or (
+                    (poll := db._dbk_poll) is not None and sql and sql[0] != "S" and poll(0)
+                )
+            except Exception:  # SQL that is no string (psycopg's sql.Composed): peek
+                due = bool(poll(0))
+            if due:
                 _before(db, self)
             try:
                 return original(self, sql, params)
@@ -1301,7 +1315,7 @@ def _replace_if_lost(db: Any, ended: bool) -> bool:
         try:
             if ended:  # the transaction is over: a peek is all it takes
                 poll = db._dbk_poll
-                if poll is None or not poll(0):
+                if poll is None or not poll(0) or _only_a_message(db):
                     return False
                 lost = Disconnect(2006, "gone", not_sent=True, retryable=True)
                 db._dbk_why = _closed_while_idle(db, _now() - db._dbk_last)

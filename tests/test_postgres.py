@@ -4,6 +4,7 @@ rules and the messages. The driver is psycopg 3 or psycopg2 (DBK_PG_DRIVER)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -119,21 +120,72 @@ def test_a_read_right_after_a_terminate_is_run_again_on_a_new_session(
 
 
 @override_settings(DBKEEPALIVE={"PEEK_AFTER": 1000})
-def test_a_write_that_failed_on_a_terminated_session_is_not_run_again(
-    postgres: PostgresServer, pg: Any
+def test_a_write_right_after_a_terminate_runs_once_on_a_new_session(
+    postgres: PostgresServer, pg: Any, recycles: list[tuple[str, str]]
 ) -> None:
     old = backend_pid(pg)
     postgres.terminate(old)
-    with pytest.raises(OperationalError) as info:
-        insert(pg, "unknown-fate")  # no peek: sent on the dead session
+    insert(pg, "right-after")  # the poll before a write sees the closed session
+    assert keys(postgres) == ["right-after"]
+    assert recycles == [("pg", "disconnected")]
+    assert backend_pid(pg) != old
+
+
+@override_settings(DBKEEPALIVE={"PEEK_AFTER": 1000})
+def test_sql_objects_of_the_driver_work_and_are_peeked_at_too(
+    postgres: PostgresServer, pg: Any
+) -> None:
+    from django.db.backends.postgresql.psycopg_any import sql
+
+    statement = sql.SQL("INSERT INTO {} (k) VALUES (%s)").format(sql.Identifier(TABLE))
+    with pg.cursor() as cursor:
+        cursor.execute(statement, ["composed-1"])
+    postgres.terminate(backend_pid(pg))
+    with pg.cursor() as cursor:
+        cursor.execute(statement, ["composed-2"])  # no [0] to look at: peeked anyway
+    assert keys(postgres) == ["composed-1", "composed-2"]
+
+
+def test_a_write_in_flight_when_its_session_is_terminated_is_not_run_again(
+    postgres: PostgresServer, pg: Any
+) -> None:
+    pid = backend_pid(pg)
+    killer = threading.Timer(0.5, postgres.terminate, [pid])
+    killer.start()
+    try:
+        with pytest.raises(OperationalError) as info:
+            with pg.cursor() as cursor:
+                # Inserts, then waits: the terminate lands while it is in flight.
+                cursor.execute(
+                    f"WITH ins AS (INSERT INTO {TABLE} (k) VALUES (%s) RETURNING k) "
+                    "SELECT pg_sleep(3) FROM ins",
+                    ["in-flight"],
+                )
+    finally:
+        killer.join()
     assert classify(info.value) is not None
     notes = " ".join(getattr(info.value, "__notes__", []))
     assert "'pg'" in notes and "It was not run again" in notes
-
-    assert keys(postgres) == []  # the server never ran it, and the guard did not re-run it
+    # The server rolled the statement back; run again, it would have left one row.
+    assert keys(postgres) == []
     insert(pg, "next")  # the next statement works, on a new session
     assert keys(postgres) == ["next"]
-    assert backend_pid(pg) != old
+    assert backend_pid(pg) != pid
+
+
+def test_a_listen_notification_waiting_on_the_socket_is_not_taken_for_a_close(
+    postgres: PostgresServer, pg: Any, recycles: list[tuple[str, str]]
+) -> None:
+    pid = backend_pid(pg)
+    with pg.cursor() as cursor:
+        cursor.execute("LISTEN dbk_channel")
+    postgres.query("NOTIFY dbk_channel, 'hello'")
+    time.sleep(0.3)  # the notification sits unread in the socket: it is readable
+
+    insert(pg, "after-notify")
+    assert backend_pid(pg) == pid
+    assert recycles == []
+    assert keys(postgres) == ["after-notify"]
 
 
 def test_idle_session_timeout_is_read_and_an_idle_connection_is_replaced_before_it(
