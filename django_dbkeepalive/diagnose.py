@@ -240,6 +240,16 @@ def _driver(db: Any) -> dict[str, Any]:
     return {"name": module_name or None, "version": version, "client_library": None}
 
 
+# What the guard does on a backend that is not MySQL (see checks I001 and I002).
+_OTHER_NOTE: dict[str | None, str] = {
+    None: "not MySQL: only CONN_MAX_AGE is enforced",
+    "postgresql": (
+        "PostgreSQL: guarded (idle_session_timeout, peek, reads re-run); no pings, "
+        "no server checks (dbkeepalive.I002)"
+    ),
+}
+
+
 def _int_or_none(value: Any) -> int | None:
     try:
         return None if value in (None, "") else int(value)
@@ -427,7 +437,7 @@ def _alias_report(alias: str, mysql: bool, probe: bool, progress: Progress | Non
     if kind == "backend":
         note = "the database backend cannot be loaded (see the issues)"
     else:
-        note = None if mysql else "not MySQL: only CONN_MAX_AGE is enforced"
+        note = None if mysql else _OTHER_NOTE.get(getattr(db, "vendor", None), _OTHER_NOTE[None])
     return AliasReport(
         alias=alias,
         engine=engine,

@@ -4,6 +4,8 @@ rules and the messages. The driver is psycopg 3 or psycopg2 (DBK_PG_DRIVER)."""
 
 from __future__ import annotations
 
+import io
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -11,6 +13,7 @@ from typing import Any
 
 import pytest
 from django.core import checks
+from django.core.management import call_command
 from django.db import Error, OperationalError, connections, transaction
 from django.test import override_settings
 
@@ -309,3 +312,18 @@ def test_the_drivers_disconnect_errors_are_classified_by_sqlstate(
     assert found is not None
     assert found.kind in ("terminated", "lost")  # psycopg reads the FATAL, psycopg2 not
     pg.close()
+
+
+def test_the_diagnose_command_lists_a_postgresql_alias_with_what_is_guarded(pg: Any) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    pg.settings_dict["PASSWORD"] = "pg-Secret-42"  # trust auth ignores it; never printed
+    try:
+        call_command("dbkeepalive", "--database", "pg", "--json", stdout=out, stderr=err)
+    except SystemExit as exc:  # 0 unless a problem is found
+        assert not exc.code, out.getvalue() + err.getvalue()
+    report = json.loads(out.getvalue())
+    (alias,) = report["databases"]
+    assert alias["vendor"] == "postgresql"
+    assert alias["note"].startswith("PostgreSQL: guarded")
+    assert [issue["id"] for issue in alias["issues"]] == ["dbkeepalive.I002"]
+    assert "pg-Secret-42" not in out.getvalue() + err.getvalue()
