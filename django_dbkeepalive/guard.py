@@ -1200,13 +1200,14 @@ def _wrap_execute(original: Callable[..., Any]) -> Callable[..., Any]:
         def execute(self: Any, sql: Any, params: Any = None, _now: Any = _now) -> Any:
             db = self.db
             try:
-                due = _now() > db._dbk_due or (
+                if _now() > db._dbk_due or (
                     (poll := db._dbk_poll) is not None and sql and sql[0] != "S" and poll(0)
-                )
-            except Exception:  # SQL that is no string (psycopg's sql.Composed): peek
-                due = bool(poll(0))
-            if due:
-                _before(db, self)
+                ):
+                    _before(db, self)
+            except TypeError:
+                if isinstance(sql, (str, bytes)):
+                    raise
+                _before(db, self)  # SQL that is no string (psycopg's sql.Composed): peek
             try:
                 return self._execute_with_wrappers(sql, params, many=False, executor=self._execute)
             except BaseException as exc:
@@ -1217,13 +1218,14 @@ def _wrap_execute(original: Callable[..., Any]) -> Callable[..., Any]:
         def execute(self: Any, sql: Any, params: Any = None, _now: Any = _now) -> Any:
             db = self.db
             try:
-                due = _now() > db._dbk_due or (
+                if _now() > db._dbk_due or (
                     (poll := db._dbk_poll) is not None and sql and sql[0] != "S" and poll(0)
-                )
-            except Exception:  # SQL that is no string (psycopg's sql.Composed): peek
-                due = bool(poll(0))
-            if due:
-                _before(db, self)
+                ):
+                    _before(db, self)
+            except TypeError:
+                if isinstance(sql, (str, bytes)):
+                    raise
+                _before(db, self)  # SQL that is no string (psycopg's sql.Composed): peek
             try:
                 return original(self, sql, params)
             except BaseException as exc:
