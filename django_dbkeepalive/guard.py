@@ -161,12 +161,17 @@ def _peek(db: Any) -> bool | None:
         return True
 
 
-def _detach_socket(db: Any) -> None:
+def _detach_socket(db: Any, *, fork: bool = False) -> None:
     """Make the connection's socket unusable in this process only.
 
     The descriptor is pointed at ``/dev/null``: whatever the driver does next (its
     ``COM_QUIT`` on close, a ``shutdown()``) goes nowhere, so a dead or silently dropped
     peer is never waited on, and a socket shared with a parent process is left intact.
+
+    A PostgreSQL connection is then closed by its driver too (its goodbye goes to
+    ``/dev/null``), so that a connection pool (Django's ``OPTIONS["pool"]``) sees it
+    closed and discards it instead of handing it out again. Not in a forked child
+    (``fork``), where another thread of the parent may have held its lock.
     """
     fd = _verified_fd(db)
     _forget_socket(db)
@@ -177,6 +182,9 @@ def _detach_socket(db: Any) -> None:
         os.dup2(null, fd)
     finally:
         os.close(null)
+    if not fork and db.vendor == "postgresql" and db.connection is not None:
+        with contextlib.suppress(Exception):
+            db.connection.close()
 
 
 def _forget_socket(db: Any) -> None:
@@ -482,11 +490,24 @@ def _read_pg_timeouts(conn: Any) -> tuple[float | None, float | None]:
     return found[0], found[1]
 
 
+# The idle timeouts read per PostgreSQL driver connection, for pooled ones.
+_pg_timeouts: weakref.WeakKeyDictionary[Any, tuple[float, float | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def _learn_pg_limits(db: Any) -> None:
     """Read PostgreSQL's idle timeouts as the connection opens (one round trip), like
     :func:`_learn_limits` for MySQL. With none set the server never closes an idle
     session itself; the peek still sees a session it terminated."""
     conn = db.connection
+    known = _pg_timeouts.get(conn)
+    if known is not None:
+        # A connection from Django's pool (OPTIONS["pool"]): connect() runs, and this
+        # signal is sent, at every checkout; the session is the same.
+        db._dbk_wait, db._dbk_tx_wait = known
+        db._dbk_limit = _limit_for(db._dbk_wait, db._dbk_cfg)
+        return
     try:
         session, in_tx = _read_pg_timeouts(conn)
     except Exception as exc:
@@ -507,6 +528,8 @@ def _learn_pg_limits(db: Any) -> None:
     db._dbk_wait = INF if session is None else session
     db._dbk_tx_wait = in_tx
     db._dbk_limit = _limit_for(db._dbk_wait, db._dbk_cfg)
+    with contextlib.suppress(TypeError):  # a driver connection that takes no weak ref
+        _pg_timeouts[conn] = (db._dbk_wait, in_tx)
 
 
 def _timeout_setting(db: Any, in_tx: bool = False) -> str:
@@ -1700,7 +1723,7 @@ def _after_fork_in_child() -> None:
             conn = db.connection
             if conn is None:
                 continue
-            _detach_socket(db)
+            _detach_socket(db, fork=True)
             if db.in_atomic_block and getattr(db, "_thread_ident", None) == me:
                 # Forked inside a transaction: the child cannot continue it.
                 _mark_lost(db, _FORK)

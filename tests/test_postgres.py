@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import stat
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import django
 import pytest
 from django.core import checks
 from django.core.management import call_command
@@ -327,3 +330,30 @@ def test_the_diagnose_command_lists_a_postgresql_alias_with_what_is_guarded(pg: 
     assert alias["note"].startswith("PostgreSQL: guarded")
     assert [issue["id"] for issue in alias["issues"]] == ["dbkeepalive.I002"]
     assert "pg-Secret-42" not in out.getvalue() + err.getvalue()
+
+
+def test_a_pooled_connection_the_server_terminated_is_never_handed_out_again(
+    postgres: PostgresServer, pg_alias: str, pg_driver: str
+) -> None:
+    if pg_driver != "psycopg" or django.VERSION < (5, 1):
+        pytest.skip("Django's connection pool needs Django 5.1+ and psycopg 3")
+    pytest.importorskip("psycopg_pool")
+    postgres.query(f"CREATE TABLE IF NOT EXISTS {TABLE} (k text PRIMARY KEY)")
+    postgres.query(f"TRUNCATE {TABLE}")
+    db = connections[pg_alias]
+    db.settings_dict["OPTIONS"]["pool"] = {"min_size": 2, "max_size": 2}
+    db.settings_dict["CONN_MAX_AGE"] = 0  # the pool refuses persistent connections
+    try:
+        for turn in range(4):  # more turns than the pool has connections
+            old = backend_pid(db)
+            postgres.terminate(old)
+            time.sleep(0.3)
+            assert backend_pid(db) != old  # replaced at once
+            db.close()  # back to the pool, as at the end of a request
+            db.ensure_connection()  # the next checkout: a live socket, not a dropped one
+            assert stat.S_ISSOCK(os.fstat(db.connection.fileno()).st_mode)
+            insert(db, f"turn-{turn}")
+            db.close()
+    finally:
+        db.close_pool()
+    assert keys(postgres) == [f"turn-{turn}" for turn in range(4)]
