@@ -934,7 +934,37 @@ def _check_postgres(db: Any, idle: float, in_tx: bool) -> None:
 def _only_a_message(db: Any) -> bool:
     """A readable PostgreSQL socket that holds a message for the driver (a LISTEN
     notification), not a close: the session is fine."""
-    return bool(db.vendor == "postgresql" and _peek_why(db) == "message")
+    if db.vendor != "postgresql" or _peek_why(db) != "message":
+        return False
+    if not _pg_tls(db.connection):
+        return True  # plain protocol, and not an error: a notification, a notice
+    # Over TLS the bytes are records that only the driver can read: let it read them
+    # (it keeps notifications for the code), then see whether the session is still open.
+    return _pg_read_input(db.connection) and not _peek(db)
+
+
+def _pg_tls(conn: Any) -> bool:
+    try:
+        pgconn = getattr(conn, "pgconn", None)  # psycopg 3
+        info = pgconn if pgconn is not None else conn.info  # psycopg2
+        return bool(info.ssl_in_use)
+    except Exception:
+        return False
+
+
+def _pg_read_input(conn: Any) -> bool:
+    """Let the driver read what the server sent unasked; ``False`` once that shows the
+    session closed."""
+    try:
+        pgconn = getattr(conn, "pgconn", None)
+        if pgconn is not None:  # psycopg 3: buffers it; notifications stay queued
+            pgconn.consume_input()
+            pgconn.is_busy()  # parses what was read
+        else:  # psycopg2: notifications go to conn.notifies
+            conn.poll()
+    except Exception:
+        return False
+    return not conn.closed
 
 
 def _closed_while_idle(db: Any, idle: float) -> Cause:

@@ -331,7 +331,7 @@ def _pg_alias_settings(postgres: PostgresServer, django_db_setup: None) -> Itera
         "HOST": postgres.host,
         "PORT": postgres.port,
         "CONN_MAX_AGE": None,
-        "OPTIONS": {"connect_timeout": 5},
+        "OPTIONS": {"connect_timeout": 5, "sslmode": "disable"},  # TLS: tests ask for it
     }
     # The defaults (AUTOCOMMIT, TIME_ZONE, TEST, ...) a configured alias gets.
     settings_dict = connections.configure_settings({"default": cfg})["default"]

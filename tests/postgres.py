@@ -169,6 +169,7 @@ class PostgresServer:
         self._binaries: tuple[str, str] | None = None
         self._account: pwd.struct_passwd | None = None
         self._initialized = False
+        self.ssl = False  # TLS available (sslmode=require works)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -359,6 +360,7 @@ class PostgresServer:
                 f"initdb failed (exit {res.returncode}):\n{res.stdout}\n{res.stderr}"
             )
         self.initdb_seconds = time.monotonic() - started
+        self._make_certificate()
         # The port is only free until someone else binds it: retry with a new one.
         for attempt in range(3):
             self.port = _free_port()
@@ -371,6 +373,43 @@ class PostgresServer:
                     raise
                 self.stop()
         self._initialized = True
+
+    def _make_certificate(self) -> None:
+        """A self-signed certificate, so tests can connect with ``sslmode=require``
+        (``pg_alias`` uses ``sslmode=disable``). ``openssl`` comes with Debian's
+        postgresql package (through ssl-cert); without it the server has no TLS."""
+        assert self.tmpdir is not None
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            return
+        data = self.tmpdir / "data"
+        key, cert = str(data / "server.key"), str(data / "server.crt")
+        subprocess.run(
+            [
+                openssl,
+                "req",
+                "-new",
+                "-x509",
+                "-days",
+                "2",
+                "-nodes",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-newkey",
+                "rsa:2048",
+                "-keyout",
+                key,
+                "-out",
+                cert,
+            ],
+            check=True,
+            capture_output=True,
+        )
+        for name in ("server.key", "server.crt"):
+            os.chmod(data / name, 0o600)
+            if self._account is not None:
+                os.chown(data / name, self._account.pw_uid, self._account.pw_gid)
+        self.ssl = True
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
@@ -388,6 +427,8 @@ class PostgresServer:
         cmd += ["-k", str(self.tmpdir)]
         for setting in SERVER_SETTINGS:
             cmd += ["-c", setting]
+        if self.ssl:
+            cmd += ["-c", "ssl=on"]  # server.crt and server.key in the data directory
         with open(self.tmpdir / "postgres.log", "ab") as log:
             self.process = subprocess.Popen(
                 cmd,

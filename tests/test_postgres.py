@@ -55,6 +55,30 @@ def recycles() -> Iterator[list[tuple[str, str]]]:
     connection_recycled.disconnect(receiver)
 
 
+@pytest.fixture
+def pg_tls(postgres: PostgresServer, pg_alias: str, pg_driver: str) -> Iterator[Any]:
+    """Like ``pg``, over TLS (``sslmode=require``)."""
+    if not postgres.ssl:
+        pytest.skip("openssl is not installed: the private server has no TLS")
+    postgres.query(f"CREATE TABLE IF NOT EXISTS {TABLE} (k text PRIMARY KEY)")
+    postgres.query(f"TRUNCATE {TABLE}")
+    db = connections[pg_alias]
+    db.settings_dict["OPTIONS"]["sslmode"] = "require"
+    with db.cursor() as cursor:
+        cursor.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        assert cursor.fetchone()[0] is True
+    yield db
+
+
+def notifications(db: Any) -> list[str]:
+    """The payloads of the LISTEN notifications the driver has received."""
+    conn = db.connection
+    if hasattr(conn, "pgconn"):  # psycopg 3
+        return [n.payload for n in conn.notifies(timeout=0.5, stop_after=1)]
+    conn.poll()
+    return [n.payload for n in conn.notifies]
+
+
 def backend_pid(db: Any) -> int:
     with db.cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
@@ -192,6 +216,34 @@ def test_a_listen_notification_waiting_on_the_socket_is_not_taken_for_a_close(
     assert backend_pid(pg) == pid
     assert recycles == []
     assert keys(postgres) == ["after-notify"]
+    assert notifications(pg) == ["hello"]  # still delivered to the code
+
+
+@override_settings(DBKEEPALIVE={"PEEK_AFTER": 1000})
+def test_over_tls_a_write_right_after_a_terminate_runs_once_on_a_new_session(
+    postgres: PostgresServer, pg_tls: Any, recycles: list[tuple[str, str]]
+) -> None:
+    old = backend_pid(pg_tls)
+    postgres.terminate(old)
+    insert(pg_tls, "tls-right-after")  # TLS records: the driver reads them, sees the close
+    assert keys(postgres) == ["tls-right-after"]
+    assert recycles == [("pg", "disconnected")]
+    assert backend_pid(pg_tls) != old
+
+
+def test_over_tls_a_listen_notification_is_kept_and_still_delivered(
+    postgres: PostgresServer, pg_tls: Any, recycles: list[tuple[str, str]]
+) -> None:
+    pid = backend_pid(pg_tls)
+    with pg_tls.cursor() as cursor:
+        cursor.execute("LISTEN dbk_channel")
+    postgres.query("NOTIFY dbk_channel, 'over-tls'")
+    time.sleep(0.3)
+
+    insert(pg_tls, "after-notify")
+    assert backend_pid(pg_tls) == pid
+    assert recycles == []
+    assert notifications(pg_tls) == ["over-tls"]
 
 
 def test_idle_session_timeout_is_read_and_an_idle_connection_is_replaced_before_it(

@@ -76,7 +76,7 @@ def test_pg_alias_is_a_complete_alias(postgres: PostgresServer, pg_alias: str) -
     assert settings.DATABASES[pg_alias] is wrapper.settings_dict
     conf = wrapper.settings_dict
     assert conf["PORT"] == postgres.port and conf["CONN_MAX_AGE"] is None
-    assert conf["OPTIONS"] == {"connect_timeout": 5}
+    assert conf["OPTIONS"] == {"connect_timeout": 5, "sslmode": "disable"}
     for key in ("AUTOCOMMIT", "ATOMIC_REQUESTS", "CONN_HEALTH_CHECKS", "TIME_ZONE", "TEST"):
         assert key in conf
 
