@@ -90,6 +90,42 @@ def stop_process(
             proc.wait()
 
 
+def make_certificate(directory: Path, owner: pwd.struct_passwd | None = None) -> Path | None:
+    """A self-signed certificate and key (``server.crt``, ``server.key``, mode 0600) in
+    ``directory``, for a private server's TLS; ``None`` without ``openssl`` (installed
+    with Debian's postgresql and mariadb packages, through ssl-cert and libssl)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        return None
+    key, cert = directory / "server.key", directory / "server.crt"
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-new",
+            "-x509",
+            "-days",
+            "2",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-newkey",
+            "rsa:2048",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    for path in (key, cert):
+        os.chmod(path, 0o600)
+        if owner is not None:
+            os.chown(path, owner.pw_uid, owner.pw_gid)
+    return cert
+
+
 def parse_server_url(value: str) -> tuple[str, str, str, int]:
     """``user:password@host:port`` -> (user, password, host, port); the password may
     hold ``@``/``:``."""
@@ -114,6 +150,9 @@ class MariaDBServer:
         # Bumped by restart() and crash(), so fixtures know to drop stale connections.
         self.restarts = 0
         self._initialized = False
+        #: The server's self-signed certificate once set_tls(True) made one.
+        self.ssl_cert: Path | None = None
+        self.tls = False
         self._os_user = pwd.getpwuid(os.getuid()).pw_name
         # Connections counts our own admin connections too; we subtract them.
         self._admin_connects = 0
@@ -153,6 +192,21 @@ class MariaDBServer:
             return
         stop_process(proc)
         self.process = None
+
+    def set_tls(self, enabled: bool) -> bool:
+        """Restart the server with TLS on or off; ``False`` when it cannot be turned on
+        (no ``openssl``). Off by default: PyMySQL 1.2 prefers TLS whenever the server
+        offers it, and the fault proxy places its faults by counting plain packets."""
+        self._need_private("set_tls()")
+        if enabled and self.ssl_cert is None:
+            assert self.tmpdir is not None
+            self.ssl_cert = make_certificate(self.tmpdir)
+            if self.ssl_cert is None:
+                return False
+        if enabled != self.tls:
+            self.tls = enabled
+            self.restart()
+        return True
 
     def restart(self) -> None:
         """Clean shutdown and start again on the same port and datadir."""
@@ -352,6 +406,8 @@ class MariaDBServer:
             f"--log-error={self.tmpdir / 'error.log'}",
             *SERVER_OPTIONS,
         ]
+        if self.tls and self.ssl_cert is not None:
+            cmd += [f"--ssl-cert={self.ssl_cert}", f"--ssl-key={self.ssl_cert.with_suffix('.key')}"]
         self.process = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,

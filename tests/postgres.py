@@ -35,9 +35,14 @@ from pathlib import Path
 from typing import Any
 
 try:
-    from .mariadb import _die_with_parent, _free_port, stop_process
+    from .mariadb import _die_with_parent, _free_port, make_certificate, stop_process
 except ImportError:  # run as a script: python tests/postgres.py
-    from mariadb import _die_with_parent, _free_port, stop_process  # type: ignore[no-redef]
+    from mariadb import (  # type: ignore[no-redef]
+        _die_with_parent,
+        _free_port,
+        make_certificate,
+        stop_process,
+    )
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
@@ -375,41 +380,10 @@ class PostgresServer:
         self._initialized = True
 
     def _make_certificate(self) -> None:
-        """A self-signed certificate, so tests can connect with ``sslmode=require``
-        (``pg_alias`` uses ``sslmode=disable``). ``openssl`` comes with Debian's
-        postgresql package (through ssl-cert); without it the server has no TLS."""
+        """TLS for the tests that ask for it (``sslmode=require``; ``pg_alias`` uses
+        ``sslmode=disable``)."""
         assert self.tmpdir is not None
-        openssl = shutil.which("openssl")
-        if openssl is None:
-            return
-        data = self.tmpdir / "data"
-        key, cert = str(data / "server.key"), str(data / "server.crt")
-        subprocess.run(
-            [
-                openssl,
-                "req",
-                "-new",
-                "-x509",
-                "-days",
-                "2",
-                "-nodes",
-                "-subj",
-                "/CN=127.0.0.1",
-                "-newkey",
-                "rsa:2048",
-                "-keyout",
-                key,
-                "-out",
-                cert,
-            ],
-            check=True,
-            capture_output=True,
-        )
-        for name in ("server.key", "server.crt"):
-            os.chmod(data / name, 0o600)
-            if self._account is not None:
-                os.chown(data / name, self._account.pw_uid, self._account.pw_gid)
-        self.ssl = True
+        self.ssl = make_certificate(self.tmpdir / "data", self._account) is not None
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}

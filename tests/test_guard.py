@@ -464,3 +464,34 @@ def test_a_connection_lost_in_manual_mode_raises_once_when_leaving_it(server, ra
     for key in ("next", "and-next"):  # never stuck: plain autocommit statements again
         Item.objects.create(key=key)
     assert keys(raw) == ["next", "and-next"]
+
+
+@pytest.mark.restart
+def test_over_tls_idle_pauses_are_not_taken_for_a_close_and_a_kill_still_is(
+    server, db_options, raw, recycles
+):
+    if not server.set_tls(True):
+        pytest.skip("openssl is not installed: the private server cannot offer TLS")
+    try:
+        _tls_pauses_and_kill(server, db_options, raw, recycles)
+    finally:
+        server.set_tls(False)
+
+
+def _tls_pauses_and_kill(server, db_options, raw, recycles):
+    db_options(ssl={"ca": str(server.ssl_cert), "check_hostname": False})
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW SESSION STATUS LIKE 'Ssl_version'")
+        assert cursor.fetchone()[1].startswith("TLS")  # the session really is encrypted
+    first = thread_id()
+    for turn in range(8):
+        Item.objects.count()
+        time.sleep(0.15)  # past PEEK_AFTER: the slow path peeks at TLS records
+        Item.objects.create(key=f"tls-{turn}")  # a write: polled first
+    assert recycles == []  # nothing the TLS layer sends looked like a close
+    assert thread_id() == first
+
+    kill_connection()
+    Item.objects.create(key="after-kill")
+    assert [reason for _, reason, _ in recycles] == ["disconnected"]
+    assert keys(raw) == [f"tls-{turn}" for turn in range(8)] + ["after-kill"]
