@@ -13,14 +13,12 @@ Run ``python tests/mariadb.py`` to get a private server for manual experiments.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import pwd
 import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,9 +29,18 @@ from typing import Any
 
 import pymysql  # the admin side always uses PyMySQL itself, never the MySQLdb shim
 
+try:
+    from .servers import PrivateServer, _die_with_parent, _free_port, make_certificate
+except ImportError:  # run as a script: python tests/mariadb.py
+    from servers import (  # type: ignore[no-redef]
+        PrivateServer,
+        _die_with_parent,
+        _free_port,
+        make_certificate,
+    )
+
 ENV_VAR = "DBKEEPALIVE_TEST_SERVER"
 START_TIMEOUT = 30.0
-STOP_TIMEOUT = 30.0
 
 # Small and fast: tests need seconds-long startups and no durability beyond a
 # clean shutdown or a killed server process (the OS keeps the page cache).
@@ -63,69 +70,6 @@ def _which(name: str) -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL the server if pytest dies without cleaning up."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def stop_process(
-    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT
-) -> None:
-    """Stop a server process: ``sig`` (its clean shutdown), SIGKILL after ``timeout`` s."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def make_certificate(directory: Path, owner: pwd.struct_passwd | None = None) -> Path | None:
-    """A self-signed certificate and key (``server.crt``, ``server.key``, mode 0600) in
-    ``directory``, for a private server's TLS; ``None`` without ``openssl`` (installed
-    with Debian's postgresql and mariadb packages, through ssl-cert and libssl)."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        return None
-    key, cert = directory / "server.key", directory / "server.crt"
-    subprocess.run(
-        [
-            openssl,
-            "req",
-            "-new",
-            "-x509",
-            "-days",
-            "2",
-            "-nodes",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-newkey",
-            "rsa:2048",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    for path in (key, cert):
-        os.chmod(path, 0o600)
-        if owner is not None:
-            os.chown(path, owner.pw_uid, owner.pw_gid)
-    return cert
-
-
 def parse_server_url(value: str) -> tuple[str, str, str, int]:
     """``user:password@host:port`` -> (user, password, host, port); the password may
     hold ``@``/``:``."""
@@ -137,15 +81,14 @@ def parse_server_url(value: str) -> tuple[str, str, str, int]:
     return user, password, host or "127.0.0.1", int(port or 3306)
 
 
-class MariaDBServer:
+class MariaDBServer(PrivateServer):
     """A MariaDB server the tests control; see the module docstring."""
 
     def __init__(self, external: str | None = None) -> None:
         if external is None:
             external = os.environ.get(ENV_VAR) or None
+        super().__init__()
         self.external = external is not None
-        self.process: subprocess.Popen[bytes] | None = None
-        self.tmpdir: Path | None = None
         self.socket: str | None = None
         # Bumped by restart() and crash(), so fixtures know to drop stale connections.
         self.restarts = 0
@@ -185,14 +128,6 @@ class MariaDBServer:
         self._spawn()
         self._wait_ready()
 
-    def stop(self) -> None:
-        """Shut down cleanly (SIGTERM), SIGKILL after STOP_TIMEOUT. Keeps the datadir."""
-        proc = self.process
-        if proc is None:
-            return
-        stop_process(proc)
-        self.process = None
-
     def set_tls(self, enabled: bool) -> bool:
         """Restart the server with TLS on or off; ``False`` when it cannot be turned on
         (no ``openssl``). Off by default: PyMySQL 1.2 prefers TLS whenever the server
@@ -229,20 +164,9 @@ class MariaDBServer:
         self._need_private("start_again()")
         self.start()
 
-    def close(self) -> None:
-        """Final cleanup: stop the server and delete its temporary directory. Idempotent."""
-        try:
-            self.stop()
-        finally:
-            if self.tmpdir is not None:
-                shutil.rmtree(self.tmpdir, ignore_errors=True)
-                self.tmpdir = None
-
     @property
     def running(self) -> bool:
-        if self.external:
-            return True
-        return self.process is not None and self.process.poll() is None
+        return True if self.external else super().running
 
     # -- SQL helpers -----------------------------------------------------------
 

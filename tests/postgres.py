@@ -35,17 +35,16 @@ from pathlib import Path
 from typing import Any
 
 try:
-    from .mariadb import _die_with_parent, _free_port, make_certificate, stop_process
+    from .servers import PrivateServer, _die_with_parent, _free_port, make_certificate
 except ImportError:  # run as a script: python tests/postgres.py
-    from mariadb import (  # type: ignore[no-redef]
+    from servers import (  # type: ignore[no-redef]
+        PrivateServer,
         _die_with_parent,
         _free_port,
         make_certificate,
-        stop_process,
     )
 
 START_TIMEOUT = 30.0
-STOP_TIMEOUT = 30.0
 TERMINATE_TIMEOUT = 10.0
 # Our own admin connections carry this application_name; backends() leaves them out.
 ADMIN_APPLICATION_NAME = "dbk_pg_admin"
@@ -157,12 +156,13 @@ def _traversable(path: Path, account: pwd.struct_passwd) -> bool:
     return True
 
 
-class PostgresServer:
+class PostgresServer(PrivateServer):
     """A PostgreSQL server the tests control; see the module docstring."""
 
+    STOP_SIGNAL = signal.SIGINT  # fast shutdown
+
     def __init__(self) -> None:
-        self.process: subprocess.Popen[bytes] | None = None
-        self.tmpdir: Path | None = None
+        super().__init__()
         self.host = "127.0.0.1"
         self.port = 0
         self.user = "postgres"
@@ -188,33 +188,14 @@ class PostgresServer:
         self._spawn()
         self._wait_ready()
 
-    def stop(self) -> None:
-        """Fast shutdown (SIGINT), SIGKILL after STOP_TIMEOUT. Keeps the data directory."""
-        proc = self.process
-        if proc is None:
-            return
-        stop_process(proc, signal.SIGINT, STOP_TIMEOUT)
-        self.process = None
-
     def restart(self) -> None:
         """Fast shutdown and start again on the same port and data directory."""
         self.stop()
         self.restarts += 1
         self.start()
 
-    def close(self) -> None:
-        """Final cleanup: stop the server and delete its temporary directory. Idempotent."""
-        try:
-            self.stop()
-        finally:
-            if self.tmpdir is not None:
-                shutil.rmtree(self.tmpdir, ignore_errors=True)
-                self.tmpdir = None
-                self._initialized = False
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+    def _removed(self) -> None:
+        self._initialized = False
 
     @property
     def socket_dir(self) -> str | None:

@@ -14,15 +14,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from .mariadb import _die_with_parent, _free_port, stop_process
+from .servers import PrivateServer, _die_with_parent, _free_port
 
 START_TIMEOUT = 15.0
 
 
-class RedisServer:
+class RedisServer(PrivateServer):
+    STOP_TIMEOUT = 10.0
+
     def __init__(self) -> None:
-        self.process: subprocess.Popen[bytes] | None = None
-        self.tmpdir: Path | None = None
+        super().__init__()
         self.port = 0
 
     @property
@@ -79,18 +80,3 @@ class RedisServer:
         if self.tmpdir is None or not (self.tmpdir / "redis.log").exists():
             return "(no log)"
         return "\n".join((self.tmpdir / "redis.log").read_text().splitlines()[-lines:])
-
-    def stop(self) -> None:
-        proc = self.process
-        if proc is None:
-            return
-        stop_process(proc, timeout=10)
-        self.process = None
-
-    def close(self) -> None:
-        try:
-            self.stop()
-        finally:
-            if self.tmpdir is not None:
-                shutil.rmtree(self.tmpdir, ignore_errors=True)
-                self.tmpdir = None
