@@ -38,9 +38,8 @@ MODES = {
 COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
 
 
-def instructions(env: dict[str, str], mode: str, driver: str, case: str, n: int) -> int:
-    app_mode, bench_settings = MODES[mode]
-    env = {**env, "DBK_BENCH_SETTINGS": bench_settings, "DBK_BENCH_NO_GC": "1"}
+def _callgrind(env: dict[str, str], script: str, *args: str) -> int:
+    """Instructions of one run of ``benchmarks/<script> args`` under callgrind."""
     # No address-space randomisation: identical runs then execute identical code paths.
     prefix = ["setarch", platform.machine(), "-R"] if shutil.which("setarch") else []
     result = subprocess.run(
@@ -50,11 +49,8 @@ def instructions(env: dict[str, str], mode: str, driver: str, case: str, n: int)
             "--tool=callgrind",
             "--callgrind-out-file=/dev/null",
             sys.executable,
-            str(HERE / "workload.py"),
-            app_mode,
-            driver,
-            case,
-            str(n),
+            str(HERE / script),
+            *args,
         ],
         env=env,
         capture_output=True,
@@ -65,32 +61,17 @@ def instructions(env: dict[str, str], mode: str, driver: str, case: str, n: int)
     if not match:
         raise SystemExit(f"no instruction count from valgrind:\n{result.stderr[-2000:]}")
     return int(match.group(1))
+
+
+def instructions(env: dict[str, str], mode: str, driver: str, case: str, n: int) -> int:
+    app_mode, bench_settings = MODES[mode]
+    env = {**env, "DBK_BENCH_SETTINGS": bench_settings, "DBK_BENCH_NO_GC": "1"}
+    return _callgrind(env, "workload.py", app_mode, driver, case, str(n))
 
 
 def wrapper_instructions(env: dict[str, str], mode: str, sql: str, n: int) -> int:
     """Instructions of a run of benchmarks/wrapper.py (no driver, no server)."""
-    prefix = ["setarch", platform.machine(), "-R"] if shutil.which("setarch") else []
-    result = subprocess.run(
-        [
-            *prefix,
-            "valgrind",
-            "--tool=callgrind",
-            "--callgrind-out-file=/dev/null",
-            sys.executable,
-            str(HERE / "wrapper.py"),
-            mode,
-            str(n),
-            sql,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    match = COLLECTED.search(result.stderr)
-    if not match:
-        raise SystemExit(f"no instruction count from valgrind:\n{result.stderr[-2000:]}")
-    return int(match.group(1))
+    return _callgrind(env, "wrapper.py", mode, str(n), sql)
 
 
 def wrapper_rows() -> list[dict[str, object]]:
