@@ -42,12 +42,15 @@ def main() -> None:
     if mode == "app":
         # The state the guard gives a connection it guards, on a quiet socket: the hot
         # path of a statement right after another (the slow path is never due).
+        from django_dbkeepalive.guard.connect import state_for
+
         quiet, _peer = socket.socketpair()
         poller = select.poll()
         poller.register(quiet.fileno(), select.POLLIN | select.POLLPRI)
-        db._dbk_on = True
-        db._dbk_due = time.monotonic() + 1e9
-        db._dbk_poll = poller.poll
+        state = state_for(db)
+        state.on = True
+        state.due = time.monotonic() + 1e9
+        state.poll = poller.poll
     cursor = CursorWrapper(StubCursor(), db)
     cursor.execute(sql)
     gc.collect()

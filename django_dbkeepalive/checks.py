@@ -32,7 +32,7 @@ from django.db import connections
 
 from . import conf as conf_module
 from .conf import TIMEOUT_NAMES, AliasSettings, conf, type_text
-from .errors import classify
+from .guard import classify, limit_for
 
 __all__ = [
     "CHECK_IDS",
@@ -337,11 +337,9 @@ def alias_settings(alias: str) -> AliasSettings | None:
 
 def limit_formula(wait: float, margin: float) -> str:
     """How the guard's idle limit follows from ``wait`` and ``margin``, as
-    ``guard._limit_for`` computes it: ``"295 s = 300 s - margin 5 s"``, or with the
+    ``guard.limit_for`` computes it: ``"295 s = 300 s - margin 5 s"``, or with the
     half-timeout fallback ``"30 s = 60 s - min(margin 60 s, half)"``."""
-    from .guard import _limit_for
-
-    limit = _limit_for(wait, AliasSettings(True, margin, None, 0.0, None, True))
+    limit = limit_for(wait, margin)
     rule = (
         f"margin {_seconds(margin)}"
         if margin <= wait / 2
@@ -726,8 +724,6 @@ def server_messages(
     alias: str, variables: ServerVariables, cfg: AliasSettings | None = None
 ) -> list[checks.CheckMessage]:
     """``W001`` ... ``W004`` for one MySQL alias, given what its server said."""
-    from .guard import _limit_for
-
     cfg = alias_settings(alias) if cfg is None else cfg
     settings_dict = _settings_dict(alias)
     wait = variables.wait_timeout
@@ -745,7 +741,7 @@ def server_messages(
         age = (
             f"{max_age!r} (connections are reused without limit)" if unlimited else f"{max_age:g} s"
         )
-        good = int(_limit_for(wait, cfg or _DEFAULT_CFG))
+        good = int(limit_for(wait, (cfg or _DEFAULT_CFG).margin))
         if 1 <= good < wait:
             fix = (
                 f"Set DATABASES[{alias!r}]['CONN_MAX_AGE'] below {_seconds(wait)} "
@@ -805,8 +801,6 @@ def _guard_setting_messages(
     session_source: str | None = None,
 ) -> list[checks.CheckMessage]:
     """``W002`` and ``W003``: the guard's settings against the server's real timeout."""
-    from .guard import _limit_for
-
     wait = variables.wait_timeout
     found: list[checks.CheckMessage] = []
     from_setting = cfg.wait_timeout is not None
@@ -839,7 +833,7 @@ def _guard_setting_messages(
             )
         )
     if cfg.wait_timeout is not None and cfg.wait_timeout > wait:
-        limit = _limit_for(cfg.wait_timeout, cfg)
+        limit = limit_for(cfg.wait_timeout, cfg.margin)
         if limit >= wait:
             found.append(
                 _message(

@@ -335,7 +335,7 @@ def _guard_info(
         "wait_timeout": wait,
         "wait_timeout_source": source,  # "setting", "server" or None (unknown)
         "margin": cfg.margin,
-        "idle_limit": None if wait is None else guard._limit_for(wait, cfg),
+        "idle_limit": None if wait is None else guard.limit_for(wait, cfg.margin),
         "ping_after": cfg.ping_after,
         "peek_after": cfg.peek_after,
         "retry_reads": cfg.retry_reads,

@@ -36,7 +36,6 @@ import contextlib
 import select
 import socket
 import threading
-import time
 import warnings
 from collections.abc import Collection, Iterable, Iterator
 from typing import Any, NamedTuple
@@ -315,7 +314,7 @@ def kill_connection(using: str = "default", *, notice: bool = True) -> int:
     """
     db = _mysql_wrapper(using, "kill_connection")
     db.ensure_connection()
-    if guard._in_transaction(db):
+    if guard.in_transaction(db):
         _warn_lost_transaction(db)
     conn = db.connection
     victim = _thread_id(conn)
@@ -328,22 +327,17 @@ def kill_connection(using: str = "default", *, notice: bool = True) -> int:
             cursor.close()
     finally:
         killer.close()
-    _wait_readable(conn, victim)
-    if db.connection is conn and guard._guarded(db):
+    _wait_readable(db, conn, victim)
+    if db.connection is conn:
         if notice:
-            db._dbk_due = -guard.INF  # PRIVATE: the next statement takes the slow path
+            guard.notice_at_next_statement(db)
         else:
-            # PRIVATE: as if the last statement had just run (the KILL may have taken
-            # longer than PEEK_AFTER), and without the peek the guard makes before
-            # statements it would not re-run, until the next connection (_arm()).
-            db._dbk_due = time.monotonic() + db._dbk_cfg.peek_after
-            if hasattr(db, "_dbk_poll"):
-                db._dbk_poll = None
+            guard.unwatch_until_reconnect(db)
     return victim
 
 
-def _wait_readable(conn: Any, victim: int) -> None:
-    fd = guard._fileno(conn)
+def _wait_readable(db: Any, conn: Any, victim: int) -> None:
+    fd = guard.driver_of(db).fileno(conn)
     if fd is None or fd < 0:
         return  # the driver already closed its socket: nothing to wait for
     poller = select.poll()
@@ -353,43 +347,6 @@ def _wait_readable(conn: Any, victim: int) -> None:
             f"django-dbkeepalive: the server did not close connection {victim} within "
             f"{KILL_TIMEOUT:g}s of KILL {victim}"
         )
-
-
-# PRIVATE: the guard's idle bookkeeping is internal to it. expire_connection() moves it
-# through this one helper, so a change there breaks only this function (the test suite
-# covers it). The kernel's own count of how long the server has been silent (TCP_INFO,
-# which the guard trusts over its own clock) is shifted by the same amount for the
-# connection's next check only.
-# id(wrapper) -> (driver connection, the _dbk_last set, seconds)
-_shifts: dict[int, tuple[Any, float, float]] = {}
-_shift_lock = threading.Lock()
-_real_kernel_idle = guard._kernel_idle
-
-
-def _shifted_kernel_idle(db: Any) -> float | None:
-    real = _real_kernel_idle(db)
-    with _shift_lock:
-        shift = _shifts.pop(id(db), None)
-    if real is None or shift is None:
-        return real
-    conn, last, seconds = shift
-    if conn is not db.connection or last != db._dbk_last:
-        return real  # a check has run since (or a new connection): the shift is spent
-    return real + seconds
-
-
-def _shift_idle(db: Any, seconds: float) -> None:
-    """As far as the guard can tell, ``db``'s connection has been idle ``seconds`` longer."""
-    global _real_kernel_idle
-    with _shift_lock:
-        if guard._kernel_idle is not _shifted_kernel_idle:
-            _real_kernel_idle = guard._kernel_idle
-            guard._kernel_idle = _shifted_kernel_idle
-        db._dbk_last = time.monotonic() - seconds
-        _shifts[id(db)] = (db.connection, db._dbk_last, seconds)
-    cfg = db._dbk_cfg
-    if guard._guarded(db) and cfg is not None:
-        db._dbk_due = db._dbk_last + cfg.peek_after
 
 
 def expire_connection(using: str = "default", *, idle: float | None = None) -> float:
@@ -423,12 +380,14 @@ def expire_connection(using: str = "default", *, idle: float | None = None) -> f
     """
     db = _mysql_wrapper(using, "expire_connection")
     db.ensure_connection()
-    if db.connection is not db._dbk_conn or db._dbk_cfg is None:
+    try:
+        limit, wait = guard.idle_limits(db)
+    except LookupError:
         raise RuntimeError(
             f"django-dbkeepalive: the {using!r} connection is not known to the guard "
             "(it was opened while the guard was not installed)."
-        )
-    if _real_kernel_idle(db) is None:
+        ) from None
+    if guard.socket_family(db) not in (socket.AF_INET, socket.AF_INET6):
         raise RuntimeError(
             f"django-dbkeepalive: expire_connection() needs a TCP connection, but the "
             f"{using!r} connection {_not_tcp(db)}. There the guard pings a connection "
@@ -436,14 +395,11 @@ def expire_connection(using: str = "default", *, idle: float | None = None) -> f
             "nothing to expire. Connect the tests over TCP (HOST '127.0.0.1'), or use "
             "kill_connection() to test a lost connection."
         )
-    if db._dbk_limit is None:
-        db._dbk_wait = guard._read_wait_timeout(db.connection)
-        db._dbk_limit = guard._limit_for(db._dbk_wait, db._dbk_cfg)
-    if idle is None:
-        idle = float(db._dbk_limit) + 0.05
-    idle = float(idle)
-    wait = db._dbk_wait if db._dbk_wait is not None else guard.INF
-    if guard._in_transaction(db) and db._dbk_limit < idle < wait:
+    assert limit is not None
+    idle = float(limit) + 0.05 if idle is None else float(idle)
+    if wait is None:
+        wait = float("inf")
+    if guard.in_transaction(db) and limit < idle < wait:
         warnings.warn(
             f"django-dbkeepalive: expire_connection() inside a transaction: the {using!r} "
             f"connection now looks idle {idle:.1f}s, past its limit but within the "
@@ -454,17 +410,14 @@ def expire_connection(using: str = "default", *, idle: float | None = None) -> f
             ExpireInTransactionWarning,
             stacklevel=2,
         )
-    _shift_idle(db, idle)
+    guard.pretend_idle(db, idle)
     return idle
 
 
 def _not_tcp(db: Any) -> str:
     """How ``db``'s connection is not a TCP one the kernel reports on."""
-    fd = guard._verified_fd(db)
-    if fd is not None:
-        with contextlib.suppress(OSError), guard._socket_for(fd) as sock:
-            if sock.family == socket.AF_UNIX:
-                return "is over a Unix socket"
+    if guard.socket_family(db) == socket.AF_UNIX:
+        return "is over a Unix socket"
     if not hasattr(socket, "TCP_INFO"):
         return "is on a platform without TCP_INFO (Linux only)"
     return "has no TCP socket the kernel reports on"

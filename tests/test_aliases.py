@@ -15,7 +15,7 @@ import pytest
 from django.db import OperationalError, connections
 from django.test import override_settings
 
-from django_dbkeepalive import fresh_connection, refresh_connections
+from django_dbkeepalive import fresh_connection, guard, refresh_connections
 from django_dbkeepalive.testing import (
     assert_recycles,
     expire_connection,
@@ -62,8 +62,8 @@ def test_the_aliases_are_two_users_with_their_own_settings(server):
         found = dict(cursor.fetchall())
     isolation = found.get("transaction_isolation") or found.get("tx_isolation")
     assert isolation == "READ-COMMITTED"  # from the reader's OPTIONS
-    assert connections["reader"]._dbk_cfg.margin == 2.0  # settings.DBKEEPALIVE override
-    assert connections["default"]._dbk_cfg.margin == 5.0
+    assert guard.state_of(connections["reader"]).cfg.margin == 2.0  # settings.DBKEEPALIVE override
+    assert guard.state_of(connections["default"]).cfg.margin == 5.0
 
 
 def test_writer_idle_while_reader_busy_and_the_other_way_round(set_wait_timeout, raw):

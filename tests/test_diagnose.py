@@ -204,7 +204,7 @@ def test_json_document_has_the_documented_schema(driver, server):
         "wait_timeout": wait,
         "wait_timeout_source": "server",
         "margin": cfg.margin,
-        "idle_limit": guard._limit_for(wait, cfg),
+        "idle_limit": guard.limit_for(wait, cfg.margin),
         "ping_after": cfg.ping_after,
         "peek_after": cfg.peek_after,
         "retry_reads": cfg.retry_reads,

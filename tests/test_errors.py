@@ -8,13 +8,11 @@ import pytest
 from django.db import connection
 from django.db.utils import InterfaceError, OperationalError
 
-from django_dbkeepalive.errors import (
-    DISCONNECT_CODES,
-    classify,
-    is_disconnect,
-    is_retryable_read,
-    tls_failure,
-)
+from django_dbkeepalive.errors import is_disconnect
+from django_dbkeepalive.guard.causes import tls_failure
+from django_dbkeepalive.guard.families import classify
+from django_dbkeepalive.guard.families.mysql import DISCONNECT_CODES
+from django_dbkeepalive.guard.statements import is_retryable_read
 
 
 @pytest.mark.parametrize(
@@ -236,7 +234,7 @@ def test_connection_lost_in_transaction_survives_pickling():
     import pickle
 
     from django_dbkeepalive import ConnectionLostInTransaction
-    from django_dbkeepalive.errors import add_note
+    from django_dbkeepalive.guard.causes import add_note
 
     error = ConnectionLostInTransaction(
         "lost it", alias="reader", idle=3.5, limit=1.0, code=2013, cause="idle_timeout"

@@ -10,7 +10,7 @@ import pytest
 from django.db import OperationalError, connection, connections, transaction
 from django.test import Client, override_settings
 
-from django_dbkeepalive import ConnectionLostInTransaction
+from django_dbkeepalive import ConnectionLostInTransaction, guard
 from django_dbkeepalive.signals import connection_recycled
 from django_dbkeepalive.testing import (
     TransactionLostWarning,
@@ -105,8 +105,8 @@ def test_proactive_recycle_before_the_server_closes_it(recycles, server, db_opti
     db_options(init_command="SET SESSION wait_timeout = 2")
     cursor = connection.cursor()
     cursor.execute("SELECT 1")
-    assert connection._dbk_wait == 2.0
-    assert connection._dbk_limit == 1.0  # 2 s minus a margin capped at half of it
+    assert guard.state_of(connection).wait == 2.0
+    assert guard.state_of(connection).limit == 1.0  # 2 s minus a margin capped at half of it
     old = thread_id()
     expire_connection()  # past the limit, still inside wait_timeout: the session is alive
     assert old in [p["id"] for p in server.processlist()]
@@ -120,7 +120,7 @@ def test_configured_wait_timeout_is_used_without_asking_the_server(recycles):
     with override_settings(DBKEEPALIVE={"WAIT_TIMEOUT": 2, "MARGIN": 0.5}):
         connection.close()
         Item.objects.count()
-        assert connection._dbk_limit == 1.5
+        assert guard.state_of(connection).limit == 1.5
         expire_connection()  # idle past the 1.5 s limit
         Item.objects.count()
     assert [r[1] for r in recycles] == ["idle"]

@@ -11,7 +11,7 @@ import pytest
 from django.db import OperationalError, connection, transaction
 from django.test import override_settings
 
-from django_dbkeepalive import ConnectionLostInTransaction, fresh_connection
+from django_dbkeepalive import ConnectionLostInTransaction, fresh_connection, guard
 from testproject.testapp.models import Item
 
 from .conftest import close_connections
@@ -95,7 +95,7 @@ def test_kill_while_a_write_is_in_flight_says_it_was_not_rerun(server, raw) -> N
 def test_idle_past_wait_timeout_in_a_transaction(set_wait_timeout, raw, server) -> None:
     set_wait_timeout(2)
     Item.objects.count()
-    assert connection._dbk_wait == 2  # read as the connection opened: no pause needed
+    assert guard.state_of(connection).wait == 2  # read as the connection opened: no pause needed
     message = lost_in_transaction(lambda: Item.objects.create(key="second"), lambda: time.sleep(3))
     assert "idle 3." in message and "longer than the server's wait_timeout (2s)" in message
     assert "outside transaction.atomic()" in message
@@ -109,7 +109,7 @@ def test_idle_before_wait_timeout_is_known_mentions_both_causes(set_wait_timeout
     with override_settings(DBKEEPALIVE={"AUTO_GUARD": False}):
 
         def in_a_scope() -> None:
-            assert connection._dbk_wait is None
+            assert guard.state_of(connection).wait is None
             with fresh_connection():
                 Item.objects.create(key="second")
 
@@ -208,7 +208,7 @@ def test_too_large_statement_in_a_transaction(small_max_allowed_packet, server, 
     Item.objects.count()
     time.sleep(0.3)
     Item.objects.count()  # the guard reads wait_timeout and max_allowed_packet here
-    assert connection._dbk_map == 65536
+    assert guard.state_of(connection).max_packet == 65536
     message = lost_in_transaction(
         lambda: connection.cursor().execute("SELECT LENGTH(%s)", [SECRET * 10_000]),
         lambda: None,
@@ -241,6 +241,6 @@ def test_too_large_statement_in_a_transaction(small_max_allowed_packet, server, 
 def test_network_evidence_refines_the_wording_only(
     exc: BaseException, evidence: str | None
 ) -> None:
-    from django_dbkeepalive.errors import network_evidence
+    from django_dbkeepalive.guard.causes import network_evidence
 
     assert network_evidence(exc) == evidence

@@ -20,9 +20,9 @@ from django.core.management import call_command
 from django.db import Error, OperationalError, connections, transaction
 from django.test import override_settings
 
-from django_dbkeepalive import ConnectionLostInTransaction
+from django_dbkeepalive import ConnectionLostInTransaction, guard
 from django_dbkeepalive.checks import configuration_messages
-from django_dbkeepalive.errors import classify
+from django_dbkeepalive.guard.families import classify
 from django_dbkeepalive.signals import connection_recycled
 
 from .postgres import PostgresServer
@@ -251,8 +251,8 @@ def test_idle_session_timeout_is_read_and_an_idle_connection_is_replaced_before_
 ) -> None:
     postgres.set_system("idle_session_timeout", "3s")
     old = fresh_session(pg)
-    assert pg._dbk_wait == 3.0
-    assert pg._dbk_limit == 1.5  # 3 s - min(MARGIN, half of it)
+    assert guard.state_of(pg).wait == 3.0
+    assert guard.state_of(pg).limit == 1.5  # 3 s - min(MARGIN, half of it)
 
     time.sleep(2.0)  # past the limit, not past the server's timeout: it is still open
     assert old in postgres.backends()
@@ -306,7 +306,7 @@ def test_idle_in_transaction_timeout_raises_before_sending_and_commits_nothing(
 ) -> None:
     postgres.set_system("idle_in_transaction_session_timeout", "1s")
     fresh_session(pg)
-    assert pg._dbk_tx_wait == 1.0
+    assert guard.state_of(pg).tx_wait == 1.0
 
     with pytest.raises(ConnectionLostInTransaction) as info:
         with transaction.atomic(using="pg"):

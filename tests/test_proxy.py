@@ -11,7 +11,7 @@ import pytest
 from django.db import OperationalError, connection, transaction
 from django.test import override_settings
 
-from django_dbkeepalive import ConnectionLostInTransaction
+from django_dbkeepalive import ConnectionLostInTransaction, guard
 from django_dbkeepalive.signals import connection_recycled
 from testproject.testapp.models import Item
 
@@ -125,7 +125,9 @@ def test_blackhole_after_idle_past_the_limit_reconnects_without_touching_the_flo
     via_proxy: FaultProxy, recycles
 ) -> None:
     Item.objects.count()
-    assert connection._dbk_limit == 1.0  # WAIT_TIMEOUT 2 minus the margin (capped at half)
+    assert (
+        guard.state_of(connection).limit == 1.0
+    )  # WAIT_TIMEOUT 2 minus the margin (capped at half)
     [flow] = via_proxy.open_flows()
     assert via_proxy.blackhole() == 1
     time.sleep(1.3)  # past the limit; the server has not closed anything

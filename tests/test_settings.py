@@ -224,7 +224,7 @@ def test_the_largest_accepted_values_work_on_a_real_connection(db_options, caplo
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
             assert cursor.fetchone() == (1,)
-        fd = guard._verified_fd(connection)
+        fd = guard.sockets.verified_fd(guard.state_of(connection))
         assert fd is not None
         sock = socket.socket(fileno=os.dup(fd))
         try:

@@ -155,7 +155,7 @@ def test_expire_connection_recycles_the_live_session_without_sleeping(server):
     old = own_id()
     started = time.monotonic()
     idle = expire_connection()
-    assert idle > connection._dbk_limit
+    assert idle > guard.state_of(connection).limit
     assert old in live_ids(server)  # the session itself is alive and well
     with assert_recycles(1, reasons=["idle"]) as log:
         assert Item.objects.count() == 0
@@ -168,9 +168,9 @@ def test_expire_connection_recycles_the_live_session_without_sleeping(server):
 def test_expire_connection_reads_the_limit_when_the_guard_does_not_know_it_yet():
     connection.close()
     connection.ensure_connection()
-    assert connection._dbk_limit is None  # opened while nothing guarded it: not read yet
+    assert guard.state_of(connection).limit is None  # opened while nothing guarded it: not read yet
     expire_connection()
-    assert connection._dbk_limit is not None
+    assert guard.state_of(connection).limit is not None
     with assert_recycles(0):
         Item.objects.create(key="x")  # AUTO_GUARD off: a statement alone notices nothing
     with assert_recycles(1, reasons=["idle"]), fresh_connection():  # a scope's start does
@@ -219,13 +219,13 @@ def test_expire_connection_follows_the_configured_limit():
 
 def test_expire_connection_needs_a_connection_the_guard_knows():
     connection.ensure_connection()
-    saved = connection._dbk_conn
-    connection._dbk_conn = None
+    saved = guard.state_of(connection).conn
+    guard.state_of(connection).conn = None
     try:
         with pytest.raises(RuntimeError, match="not known to the guard"):
             expire_connection()
     finally:
-        connection._dbk_conn = saved
+        guard.state_of(connection).conn = saved
 
 
 @pytest.fixture

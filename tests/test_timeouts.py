@@ -29,7 +29,7 @@ NO_TIMEOUTS = {"connect_timeout": None, "read_timeout": None, "write_timeout": N
 def socket_options() -> dict[str, int]:
     """The keepalive options of the default connection's socket, read back from its fd."""
     connection.ensure_connection()
-    fd = guard._verified_fd(connection)
+    fd = guard.sockets.verified_fd(guard.state_of(connection))
     assert fd is not None
     sock = socket.socket(fileno=os.dup(fd))
     try:
@@ -93,7 +93,7 @@ def test_tcp_keepalive_is_set_on_the_connection_socket(driver: str) -> None:
             "SO_KEEPALIVE": 1,
             "TCP_KEEPIDLE": 30,
             "TCP_KEEPINTVL": 10,
-            "TCP_KEEPCNT": guard.KEEPALIVE_PROBES,
+            "TCP_KEEPCNT": guard.sockets.KEEPALIVE_PROBES,
         }
         assert Item.objects.count() == 0  # the connection works as before
     close_connections()

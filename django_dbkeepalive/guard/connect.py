@@ -1,0 +1,148 @@
+"""Opening a connection: the guard's state for it, and a second try when its setup was
+lost.
+
+Owns: what happens when Django opens a connection (``connection_created``: a new
+:class:`~.state.ConnectionState`, the server's limits read once, TCP keepalive, the
+and the ``connect()`` wrapper's rules:
+a session lost while its login or Django's setup statements ran is opened once more
+(nothing of the caller's was sent); an error that reaches the caller says what happened.
+Must never import: a concrete family, the wrappers, or anything above the guard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from ..conf import conf
+from . import fork, sockets
+from .causes import network_evidence
+from .disconnects import Disconnect
+from .families import classify, driver_of, family_of
+from .messages import connect_error
+from .rules import failure_cause
+from .state import ATTRIBUTE, INF, ConnectionState, now, state_of
+
+__all__ = ["connect", "connection_opened", "state_for"]
+
+logger = logging.getLogger("django_dbkeepalive")
+
+# A session lost this soon after connecting was closed by the server (a KILL, a reset):
+# connecting again is worth it. One lost later timed out waiting for the server, and
+# another try would only wait as long again.
+SETUP_RETRY_WITHIN = 1.0
+
+
+#: Every wrapper the guard has given a state, in every thread (to remove it again).
+KNOWN: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def state_for(db: Any) -> ConnectionState:
+    """``db``'s state, made (without a connection) if it has none yet."""
+    state = state_of(db)
+    if state is None:
+        family = family_of(db)
+        state = ConnectionState(family, driver_of(db, family), None)
+        setattr(db, ATTRIBUTE, state)
+        KNOWN.add(db)
+    return state
+
+
+def arm(db: Any, state: ConnectionState) -> None:
+    """Whether the guard is on for the connection, and the hot path's thresholds."""
+    cfg = state.cfg
+    on = (
+        cfg is not None
+        and db.connection is not None
+        and db.connection is state.conn
+        and (cfg.auto_guard or state.forced > 0)
+    )
+    state.on = on
+    state.due = state.last + cfg.peek_after if on and cfg is not None else INF
+    state.poll = state.poller if on else None
+
+
+def connection_opened(db: Any) -> None:
+    """Django opened a connection (``connection_created``): a new state for it, the
+    server's limits read once, TCP keepalive."""
+    previous = state_for(db)
+    cfg = conf.for_alias(db.alias)
+    family = family_of(db)
+    state = previous.successor(family, driver_of(db, family), cfg, db.connection)
+    setattr(db, ATTRIBUTE, state)
+    KNOWN.add(db)
+    state.last = now()
+    if family.watches_socket:
+        state.sock = sockets.socket_id(state.driver.fileno(db.connection))
+        state.poller = None if state.sock is None else sockets.make_poller(state.sock[0])
+    state.wait = cfg.wait_timeout
+    if cfg.wait_timeout is not None:
+        state.limit = cfg.wait_timeout - min(cfg.margin, cfg.wait_timeout / 2)
+    fork.track(db)
+    arm(db, state)
+    if cfg.tcp_keepalive and state.sock is not None:
+        sockets.set_keepalive(state, cfg.tcp_keepalive, db.alias)
+    if state.on and state.limit is None:
+        family.opened(db, state)
+    if state.manual:
+        # The connection was lost in a transaction the code manages by hand; reopen it
+        # in the same mode so later statements are not silently autocommitted.
+        state.manual = False
+        db.set_autocommit(False)
+
+
+def _drop_half_open(db: Any) -> None:
+    """Forget a connection whose setup failed (Django sets ``db.connection`` before it
+    sends ``SET autocommit`` and its session setup): left in place, every later
+    statement of this thread would use the dead session, and outside requests nothing
+    repairs it (measured in the soak run: an APScheduler thread failed every run)."""
+    conn = db.connection
+    db.connection = None
+    with contextlib.suppress(Exception):  # closing a session that died while being set up
+        conn.close()
+
+
+def _raise(db: Any, exc: Exception, found: Disconnect, *, twice: bool) -> NoReturn:
+    state = state_for(db)
+    error = connect_error(
+        db, exc, found, state.why, failure_cause(db, state, found, exc), twice=twice
+    )
+    if error is None or error is exc:
+        raise exc
+    raise error.with_traceback(exc.__traceback__) from exc
+
+
+def connect(db: Any, original: Callable[[Any], Any]) -> Any:
+    """``connect()``: a setup lost right after the server accepted the connection (a
+    KILL, a reset) is tried once more; the error that reaches the caller has a note."""
+    for attempt in (1, 2):
+        started = now()
+        try:
+            return original(db)
+        except Exception as exc:
+            if db.connection is not None:
+                _drop_half_open(db)
+            found = classify(exc)
+            if found is None or not family_of(db).retries_lost_setup:
+                raise
+            if attempt == 2:
+                _raise(db, exc, found, twice=True)
+            if (
+                found.kind == "unreachable"
+                or network_evidence(exc) == "timeout"
+                or now() - started >= SETUP_RETRY_WITHIN
+            ):
+                _raise(db, exc, found, twice=False)
+            # The server accepted the connection, then the session died during the login
+            # or Django's setup statements (a KILL, a reset): nothing of the caller's was
+            # sent, so connecting once more is safe.
+            logger.info(
+                "dbkeepalive: a new %r connection was lost while being set up (error %s); "
+                "connecting again (nothing of the caller's was sent)",
+                db.alias,
+                found.code,
+            )
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,213 @@
+"""The interface between the guard's rules and one family of databases.
+
+A :class:`Family` says, for one vendor (MySQL/MariaDB, PostgreSQL...): which driver
+error is a lost connection, what the server's idle limits are (read when a connection
+opens), what a socket that turned readable while idle means, how to ping, and how to end
+a session the server may still hold after the network went silent. A :class:`Driver`
+is the thin adapter for one driver of a family (its socket, its ping). The rules in
+:mod:`~django_dbkeepalive.guard.rules` use nothing else, so a vendor or a driver is
+added here without touching them. This base class is also the family of every vendor
+the guard knows nothing about: no socket, no server limits, only ``CONN_MAX_AGE``.
+Must never import: the rules, the wrappers or a concrete family.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ..causes import Cause, explain
+from ..disconnects import Disconnect
+from ..state import ConnectionState
+
+__all__ = ["Driver", "Family", "Statement"]
+
+logger = logging.getLogger("django_dbkeepalive")
+
+#: ``(sql, params, many)`` of a statement, when the rules know it.
+Statement = tuple[Any, Any, bool]
+
+
+class Driver:
+    """One driver of a family: how to reach its socket and ping its connections.
+
+    ``modules`` are the names of the DB-API modules it is known by (what the backend's
+    ``Database`` attribute is called, never the connection's class: instrumentation
+    such as OpenTelemetry wraps connections in proxy objects).
+    """
+
+    name = "unknown"
+    modules: tuple[str, ...] = ()
+    #: The distribution that installs it, for its version.
+    distribution: str | None = None
+    #: A read that waited out the client's read_timeout is reported like a server close.
+    timeouts_look_like_closes = False
+
+    def fileno(self, conn: Any) -> int | None:
+        """The connection's socket descriptor, or ``None`` (no round trip, no lock)."""
+        try:
+            fileno = getattr(conn, "fileno", None)
+            return None if fileno is None else int(fileno())
+        except Exception:
+            return None
+
+    def ping(self, conn: Any) -> None:
+        """Ask the server whether the session is alive; raises if it is not. Never
+        reconnects by itself (that would skip Django's session setup)."""
+        conn.ping()
+
+    def thread_id(self, conn: Any) -> int | None:
+        """The server's id of the session (MySQL's thread id), or ``None``."""
+        return None
+
+    def connection_params(self, params: dict[str, Any], alias: str) -> dict[str, Any]:
+        """The keyword arguments Django passes to the driver's ``connect()``, adjusted."""
+        return params
+
+    def client_library(self, module: Any) -> str | None:
+        """The C client library it is built on, for the diagnose command."""
+        return None
+
+
+class Family:
+    """The family of databases the guard knows nothing about: only ``CONN_MAX_AGE``."""
+
+    #: Django's ``vendor`` of the backends of this family (``None``: any other).
+    vendor: str | None = None
+    #: What the diagnose command and messages call it.
+    title = "other"
+    drivers: tuple[Driver, ...] = ()
+    fallback_driver = Driver()
+    #: The server setting after which it closes an idle session, for messages.
+    timeout_setting = "wait_timeout"
+    #: The one that applies inside a transaction.
+    tx_timeout_setting = "wait_timeout"
+    #: The guard watches the socket: the peek, the kernel's idle count, keepalive.
+    watches_socket = False
+    #: Pings a connection idle past ``PING_AFTER``, or over a local socket past its limit.
+    can_ping = False
+    #: How many bytes of an unsolicited message tell what it is.
+    peek_size = 0
+    #: A connection lost while its login or setup ran is opened once more.
+    retries_lost_setup = False
+    #: The code of a connection found closed before anything was sent on it.
+    gone_code = -1
+
+    # ------------------------------------------------------------------ drivers
+
+    def driver_for(self, module: Any) -> Driver:
+        """The adapter of the backend's DB-API module (``db.Database``)."""
+        name = str(getattr(module, "__name__", "") or "")
+        for driver in self.drivers:
+            if name in driver.modules or name.split(".")[0] in driver.modules:
+                return driver
+        return self.fallback_driver
+
+    # ---------------------------------------------------------------- errors
+
+    def classify(self, exc: BaseException) -> Disconnect | None:
+        """A :class:`Disconnect` when this one exception (not its causes) of a driver
+        of this family means the connection is lost, else ``None``."""
+        return None
+
+    def classify_chain(self, exc: BaseException) -> Disconnect | None:
+        """:func:`~django_dbkeepalive.guard.families.classify`: the one predicate, over
+        the exception and its causes, for every family."""
+        from . import classify
+
+        return classify(exc)
+
+    def failure_cause(self, state: ConnectionState, found: Disconnect) -> Cause:
+        """Why a statement failed with ``found``, when nothing more precise is known."""
+        return explain(found.kind, wait=state.wait, setting=self.timeout_setting)
+
+    # --------------------------------------------------------- server limits
+
+    def opened(self, db: Any, state: ConnectionState) -> None:
+        """A guarded connection just opened: read the server's idle limits (one round
+        trip at most). A lost connection raises; any other failure is logged and leaves
+        the limits unknown."""
+
+    def limits_unreadable(self, db: Any, exc: BaseException) -> None:
+        """Reading the limits failed, not for a lost connection (a proxy that cannot
+        answer it): the guard relies on the peek (and the ping) alone."""
+        if self.classify_chain(exc) is not None:
+            raise exc
+        logger.warning(
+            "dbkeepalive: could not read %s on %r (%s); set DBKEEPALIVE['WAIT_TIMEOUT'] "
+            "to give the guard an idle limit",
+            self.timeout_setting,
+            db.alias,
+            type(exc).__name__,
+        )
+
+    def may_learn_late(self, state: ConnectionState, in_transaction: bool) -> bool:
+        """Whether limits still unknown (the connection opened while nothing guarded
+        it) may be read now, before the next statement."""
+        return False
+
+    def learn_late(self, db: Any, state: ConnectionState) -> None:
+        """Read them now; only a lost connection raises."""
+
+    def tx_timeout(self, state: ConnectionState) -> float | None:
+        """The idle time after which the server ends a session inside a transaction."""
+        return None
+
+    def limits_text(self, state: ConnectionState) -> str:
+        """The limits that apply, for the message of a transaction lost to idling."""
+        return "the server's idle timeout is not known"
+
+    # ------------------------------------------------------- the idle socket
+
+    def readable_cause(self, db: Any, state: ConnectionState) -> tuple[str, bytes] | None:
+        """Why the idle socket is readable: ``(what, head)`` as
+        :func:`~django_dbkeepalive.guard.sockets.peek_head` says, or ``None`` when it
+        only holds a message for the driver and the session is alive."""
+        return None
+
+    def closed_cause(self, state: ConnectionState, what: str, head: bytes, idle: float) -> Cause:
+        """The words for a session the server closed while it was idle."""
+        wait = state.wait
+        if wait is not None and what != "data" and idle >= wait:
+            kind = "idle_timeout"
+        else:
+            kind = {"eof": "closed", "reset": "reset", "dead_peer": "dead_peer"}.get(what, "gone")
+        return explain(kind, idle=idle, wait=wait, setting=self.timeout_setting)
+
+    # ------------------------------------------------------------ the server
+
+    def ping(self, db: Any, state: ConnectionState) -> None:
+        """Ask the server whether the session is alive; raises if it is not."""
+
+    def end_zombie(self, db: Any, state: ConnectionState) -> None:
+        """End, from a new connection, a lost session the server may still hold open."""
+
+    def size_refusal(
+        self,
+        db: Any,
+        state: ConnectionState,
+        found: Disconnect,
+        statement: Statement | None,
+        in_transaction: bool,
+        read_limit: Callable[[], int | None] | None = None,
+    ) -> Cause | None:
+        """When the server refused the statement for its size, why (else ``None``).
+        ``read_limit`` reads the server's limit on a new connection, if it is needed."""
+        return None
+
+    def dropped(self, db: Any, *, fork: bool) -> None:
+        """The guard detached the connection's socket; anything else to let go of."""
+
+    # --------------------------------------------------------------- patches
+
+    def backend_patches(self) -> list[tuple[type, str, Any]]:
+        """``(class, method name, wrap)`` pairs the guard installs on this family's
+        backend classes: ``wrap(original)`` returns the replacement."""
+        return []
+
+
+def options_of(settings_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``OPTIONS`` of a settings dict, or ``{}``."""
+    options = settings_dict.get("OPTIONS")
+    return options if isinstance(options, Mapping) else {}
