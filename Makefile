@@ -11,7 +11,7 @@ APT_PACKAGES := mariadb-server libmariadb-dev pkg-config
 # mariadbd lives in /usr/sbin, often not on a normal user's PATH.
 export PATH := $(PATH):/usr/sbin:/usr/local/sbin
 
-.PHONY: help deps venv test demo bench soak lint matrix clean
+.PHONY: help deps venv test demo bench soak lint docs matrix clean
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-7s %s\n", $$1, $$2}'
@@ -54,7 +54,7 @@ deps: ## check (as root: install) what the build and the tests need from the sys
 # puts initdb and postgres in /usr/lib/postgresql/<version>/bin, off PATH: the tests
 # look there too (tests/postgres.py).
 
-venv: $(VENV)/.installed ## create .venv and install the package with test and lint extras
+venv: $(VENV)/.installed ## create .venv and install the package with test, lint and docs extras
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@$(MAKE) --no-print-directory deps
@@ -62,7 +62,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	@if [ -x $(PY) ] && ! $(PY) -c '$(PY_OK)' 2>/dev/null; then \
 	  echo "$(VENV) has $$($(PY) -V 2>&1): making it again with $(PYTHON)"; rm -rf $(VENV); fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -e '.[test,lint]'
+	$(PY) -m pip install -e '.[test,lint,docs]'
 	touch $@
 
 # Both drivers' runs at once by default (each starts its own private servers; the
@@ -127,6 +127,9 @@ lint: venv ## ruff and mypy
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy django_dbkeepalive
 
+docs: venv ## build the documentation into docs/_build/html (warnings are errors)
+	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
+
 clean: ## remove caches and build artifacts (keeps .venv)
-	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .tox
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .tox docs/_build
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
