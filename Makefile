@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DRIVERS := mysqlclient pymysql
+comma := ,
 PYTEST_ARGS ?=
 APT_PACKAGES := mariadb-server libmariadb-dev pkg-config
 # mariadbd lives in /usr/sbin, often not on a normal user's PATH.
@@ -65,43 +66,17 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -e '.[test,lint,docs]'
 	touch $@
 
-# Both drivers' runs at once by default (each starts its own private servers; the
-# suite mostly waits on sleeps and the network): about half the wall time. SERIAL=1
-# runs one after the other, with live output. Each run also takes one PostgreSQL
-# driver: mysqlclient's psycopg (3), PyMySQL's psycopg2 (DBK_PG_DRIVER); with
-# DBK_REQUIRE_POSTGRES=1 a missing PostgreSQL fails the PostgreSQL tests, not skips them.
+# The sessions of tests/sessions.py: per driver the whole suite, then the guard's core
+# again with the guarded ENGINE and nothing patched; two at a time by default (each
+# starts its own private servers; the suite mostly waits on sleeps and the network).
+# SERIAL=1 runs one after the other, with live output. Each MySQL driver's session also
+# takes one PostgreSQL driver (mysqlclient's psycopg 3, PyMySQL's psycopg2). Coverage of
+# the package (branches) is reported for all sessions combined.
 SERIAL ?=
-# Shell: the PostgreSQL driver ($pg) of the run of MySQL driver $d.
-PG_DRIVER_OF = pg=psycopg; [ "$$d" != pymysql ] || pg=psycopg2
-TEST_ENV = DBK_DRIVER=$$d DBK_PG_DRIVER=$$pg DBK_REQUIRE_POSTGRES=1
+JOBS ?= $(if $(SERIAL),1,2)
 
-test: venv ## run the tests with mysqlclient and with PyMySQL (SERIAL=1: one by one)
-	@status=0; summary=""; dir=$$(mktemp -d); trap 'rm -rf "$$dir"' EXIT; \
-	if [ -z "$(SERIAL)" ]; then \
-	  for d in $(DRIVERS); do \
-	    $(PG_DRIVER_OF); \
-	    ( $(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS) > "$$dir/$$d.log" 2>&1; \
-	      echo $$? > "$$dir/$$d.rc" ) & \
-	  done; \
-	  echo "running the tests with $(DRIVERS) at once (SERIAL=1 for live output)..."; \
-	  n=0; while [ $$(ls "$$dir"/*.rc 2>/dev/null | wc -l) -lt $(words $(DRIVERS)) ]; do \
-	    sleep 1; n=$$((n + 1)); [ $$((n % 30)) != 0 ] || echo "  ... $$n s"; \
-	  done; \
-	fi; \
-	for d in $(DRIVERS); do \
-	  $(PG_DRIVER_OF); \
-	  echo "=== DBK_DRIVER=$$d DBK_PG_DRIVER=$$pg ==="; \
-	  if [ -z "$(SERIAL)" ]; then \
-	    cat "$$dir/$$d.log"; rc=$$(cat "$$dir/$$d.rc"); \
-	  else \
-	    $(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS) 2>&1 | tee "$$dir/$$d.log"; \
-	    rc=$${PIPESTATUS[0]}; \
-	  fi; \
-	  last=$$(tail -n 1 "$$dir/$$d.log" | sed -E 's/^=+ //; s/ =+$$//'); \
-	  if [ "$$rc" = 0 ]; then r=ok; else r="FAILED (exit $$rc)"; status=1; fi; \
-	  summary="$$summary$$d/$$pg: $$r: $$last"$$'\n'; \
-	done; \
-	printf '%s' "$$summary"; exit $$status
+test: venv ## run the tests with mysqlclient and PyMySQL, report coverage (SERIAL=1: one by one)
+	$(PY) -m tests.sessions --jobs $(JOBS) --drivers $(subst $(eval) ,$(comma),$(DRIVERS)) -- $(PYTEST_ARGS)
 
 demo: venv ## run the demo (testproject/demo.py)
 	$(PY) -m testproject.demo

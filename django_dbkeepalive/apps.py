@@ -19,4 +19,4 @@ class DbKeepaliveConfig(AppConfig):
         django_checks.register(checks.check_settings, checks.TAG)
         django_checks.register(checks.check_configuration, checks.TAG)
         django_checks.register(checks.check_servers, django_checks.Tags.database, checks.TAG)
-        guard.install()
+        guard.install(patch=conf.patch)

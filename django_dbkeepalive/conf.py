@@ -29,8 +29,9 @@ DEFAULTS: dict[str, Any] = {
     "CLIENT_TIMEOUTS": None,
     "TCP_KEEPALIVE": None,
 }
-#: Keys allowed only at the top level.
-TOP_LEVEL_ONLY = ("DATABASES",)
+#: Keys allowed only at the top level, with their defaults (``DATABASES``: none).
+TOP_LEVEL_ONLY = ("DATABASES", "PATCH")
+TOP_LEVEL_DEFAULTS: dict[str, Any] = {"PATCH": True}
 
 #: Check IDs of the kinds of ``DBKEEPALIVE`` problems (stable: never renumbered or reused).
 #: The system checks in :mod:`django_dbkeepalive.checks` report each problem under its ID.
@@ -74,6 +75,7 @@ _ALLOWED = {
         "None or False (off), or whole seconds of idle before TCP probes, "
         f"from 1 to {MAX_TCP_KEEPALIVE}"
     ),
+    "PATCH": "True (patch Django's classes: every backend is guarded) or False",
     "DATABASES": (
         "a dict mapping database aliases to dicts of per-alias settings (any key but DATABASES)"
     ),
@@ -245,6 +247,9 @@ def find_problems(value: object, aliases: list[str] | None = None) -> list[Probl
             problems.append(_unknown_key(key, (), top_keys))
         elif key == "DATABASES":
             problems.extend(_alias_problems(item, aliases))
+        elif key == "PATCH":
+            if not isinstance(item, bool):
+                problems.append(_invalid((key,), item, _ALLOWED[key], TOP_LEVEL_DEFAULTS[key]))
         else:
             problems.extend(_check_value(key, item, (key,)))
     return problems
@@ -353,6 +358,15 @@ class Settings:
             client_timeouts=_client_timeouts(merged["CLIENT_TIMEOUTS"]),
             tcp_keepalive=int(merged["TCP_KEEPALIVE"]) if merged["TCP_KEEPALIVE"] else None,
         )
+
+    @property
+    def patch(self) -> bool:
+        """``PATCH``: whether the guard patches Django's classes (the default), so that
+        every alias is guarded whatever its ``ENGINE``. With ``False`` nothing of
+        Django's is patched, and only aliases whose ``ENGINE`` is one of
+        ``django_dbkeepalive.backends`` (or uses its mixin) are guarded."""
+        value = self.raw.get("PATCH", TOP_LEVEL_DEFAULTS["PATCH"])
+        return value if isinstance(value, bool) else True
 
     def client_timeouts_for(self, alias: str) -> Mapping[str, int] | None:
         """The timeouts ``CLIENT_TIMEOUTS`` adds for ``alias`` where ``OPTIONS`` has

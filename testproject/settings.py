@@ -5,6 +5,8 @@ DBK_DB_READER_USER, DBK_DB_READER_PASSWORD: the "reader" alias's user (default: 
 DBK_DRIVER: ``mysqlclient`` (default) or ``pymysql``.
 DBK_APP: ``1`` (default) installs django_dbkeepalive, ``0`` shows plain Django.
 DBK_CONN_MAX_AGE: seconds, or ``None`` for unlimited persistent connections (default 0).
+DBK_BACKEND: ``patch`` (default: Django's MySQL ENGINE, the guard patches Django) or
+``engine`` (``django_dbkeepalive.backends.mysql`` and ``DBKEEPALIVE["PATCH"] = False``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ elif DRIVER != "mysqlclient":
     raise ImproperlyConfigured(f"DBK_DRIVER must be 'mysqlclient' or 'pymysql', not {DRIVER!r}")
 
 APP_ENABLED = os.environ.get("DBK_APP", "1") != "0"
+BACKEND = os.environ.get("DBK_BACKEND", "patch")
+if BACKEND not in ("patch", "engine"):
+    raise ImproperlyConfigured(f"DBK_BACKEND must be 'patch' or 'engine', not {BACKEND!r}")
+MYSQL_ENGINE = (
+    "django_dbkeepalive.backends.mysql" if BACKEND == "engine" else "django.db.backends.mysql"
+)
 
 
 def _conn_max_age() -> int | None:
@@ -51,7 +59,7 @@ WSGI_APPLICATION = "testproject.wsgi.application"
 
 DATABASES = {
     "default": {
-        "ENGINE": "django.db.backends.mysql",
+        "ENGINE": MYSQL_ENGINE,
         "HOST": os.environ.get("DBK_DB_HOST", "127.0.0.1"),
         "PORT": int(os.environ.get("DBK_DB_PORT", "3306")),
         "USER": os.environ.get("DBK_DB_USER", "root"),
@@ -70,7 +78,7 @@ DATABASES = {
     # The same database through a second, read-only user with its own client options
     # (tests of several aliases). In tests it mirrors default's test database.
     "reader": {
-        "ENGINE": "django.db.backends.mysql",
+        "ENGINE": MYSQL_ENGINE,
         "HOST": os.environ.get("DBK_DB_HOST", "127.0.0.1"),
         "PORT": int(os.environ.get("DBK_DB_PORT", "3306")),
         "USER": os.environ.get("DBK_DB_READER_USER") or os.environ.get("DBK_DB_USER", "root"),
@@ -91,7 +99,9 @@ DATABASES = {
 }
 
 # Per-alias guard settings: the reader gets its own margin.
-DBKEEPALIVE = {"DATABASES": {"reader": {"MARGIN": 2.0}}}
+DBKEEPALIVE: dict[str, object] = {"DATABASES": {"reader": {"MARGIN": 2.0}}}
+if BACKEND == "engine":
+    DBKEEPALIVE["PATCH"] = False
 
 # Celery (testproject/celery.py): the tests start a private redis-server and pass it in
 # DBK_CELERY_BROKER; without it the broker is in-memory and nothing connects anywhere.

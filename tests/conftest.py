@@ -10,6 +10,7 @@ alias ``"pg"`` on it for one test, ``pg_driver`` the driver Django uses (DBK_PG_
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import sys
 import time
@@ -25,7 +26,7 @@ from .postgres import PostgresServer, PostgresUnavailable, requested_driver
 from .proxy import HOST as PROXY_HOST
 from .proxy import FaultProxy
 
-MYSQL_ENGINES = ("django.db.backends.mysql",)
+MYSQL_ENGINES = ("django.db.backends.mysql", "django_dbkeepalive.backends.mysql")
 PG_ALIAS = "pg"
 
 
@@ -75,6 +76,61 @@ def close_connections() -> None:
         except Error:
             # A killed or restarted server's socket is dead; dropping it is all we want.
             conn.connection = None
+
+
+def _ensure_connection(self: Any) -> None:
+    """``BaseDatabaseWrapper.ensure_connection`` without the test case's alias guard."""
+    if self.connection is None:
+        with self.wrap_database_errors:
+            self.connect()
+
+
+@contextlib.contextmanager
+def allowed_alias(alias: str) -> Iterator[None]:
+    """Let this test connect to ``alias``, which it adds while it runs.
+
+    Django's test case (and pytest-django's blocker) let a test use only the aliases it
+    declared when it started, by patching ``BaseDatabaseWrapper.ensure_connection``.
+    The checks connect through wrappers of their own (one per check), so the patched
+    method gets Django's plain behaviour back for ``alias`` for the block.
+    """
+    guarded = BaseDatabaseWrapper.ensure_connection
+
+    def ensure_connection(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.alias == alias:
+            return _ensure_connection(self)
+        return guarded(self, *args, **kwargs)
+
+    BaseDatabaseWrapper.ensure_connection = ensure_connection  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        BaseDatabaseWrapper.ensure_connection = guarded  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def extra_alias(alias: str, **changes: Any) -> Iterator[str]:
+    """Add a database alias (a copy of ``default`` with ``changes``) for the block.
+
+    ``connections.settings`` is ``settings.DATABASES`` itself, so the alias exists for
+    Django and for the checks (in this thread); afterwards its connection is closed and
+    it is removed before the test case's teardown looks at the aliases again.
+    """
+    assert alias not in connections.settings
+    new = copy.deepcopy(connections["default"].settings_dict)
+    new.update(changes)
+    connections.settings[alias] = new
+    try:
+        with allowed_alias(alias):
+            yield alias
+    finally:
+        for db in connections.all(initialized_only=True):
+            if db.alias == alias:
+                with contextlib.suppress(Exception):
+                    db.close()
+        with contextlib.suppress(AttributeError):
+            del connections[alias]
+        del connections.settings[alias]
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.02) -> bool:

@@ -199,6 +199,7 @@ def test_json_document_has_the_documented_schema(driver, server):
     cfg = conf.for_alias("default")
     assert db["guard"] == {
         "installed": True,
+        "installed_by": "patch",
         "enabled": True,
         "mode": "auto",
         "wait_timeout": wait,
@@ -522,7 +523,7 @@ def test_settings_errors_are_problems_not_unreachable_servers(server, changes, k
 def test_a_server_that_accepts_but_never_answers_is_unreachable_in_bounded_time(
     monkeypatch, no_password_anywhere, server
 ):
-    monkeypatch.setattr(checks, "DIAGNOSTIC_TIMEOUT", 1)
+    monkeypatch.setattr(checks.connection, "DIAGNOSTIC_TIMEOUT", 1)
     options = {"connect_timeout": 30, "write_timeout": 30}  # no read_timeout
     with (
         silent_server() as silent,

@@ -24,8 +24,8 @@ from typing import Any
 from . import sockets
 from .connect import arm, state_for
 from .families import classify, driver_of, family_of
-from .families.mysql import limit_for
-from .install import install, is_installed, uninstall
+from .families.base import limit_for
+from .install import install, is_installed, is_patched, uninstall
 from .rules import before, close_connection, in_transaction, recycled
 from .state import INF, ConnectionState, now, state_of
 
@@ -42,6 +42,7 @@ __all__ = [
     "install",
     "is_guarded",
     "is_installed",
+    "is_patched",
     "limit_for",
     "notice_at_next_statement",
     "notify_closed",

@@ -22,6 +22,7 @@ from . import fork, sockets
 from .causes import network_evidence
 from .disconnects import Disconnect
 from .families import classify, driver_of, family_of
+from .families.base import limit_for
 from .messages import connect_error
 from .rules import failure_cause
 from .state import ATTRIBUTE, INF, ConnectionState, now, state_of
@@ -80,7 +81,7 @@ def connection_opened(db: Any) -> None:
         state.poller = None if state.sock is None else sockets.make_poller(state.sock[0])
     state.wait = cfg.wait_timeout
     if cfg.wait_timeout is not None:
-        state.limit = cfg.wait_timeout - min(cfg.margin, cfg.wait_timeout / 2)
+        state.limit = limit_for(cfg.wait_timeout, cfg.margin)
     fork.track(db)
     arm(db, state)
     if cfg.tcp_keepalive and state.sock is not None:

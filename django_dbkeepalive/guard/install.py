@@ -24,11 +24,11 @@ from ..conf import conf
 from . import fork
 from .connect import KNOWN, arm, connection_opened
 from .families import FAMILIES
-from .families.mysql import limit_for
+from .families.base import limit_for
 from .state import ATTRIBUTE, state_of
-from .wrappers import ACTIVE, CLASS_PATCHES, cursor_close
+from .wrappers import ACTIVE, CLASS_PATCHES, PATCHED, cursor_close
 
-__all__ = ["install", "is_installed", "uninstall"]
+__all__ = ["install", "is_installed", "is_patched", "uninstall"]
 
 _lock = threading.Lock()
 # (class, name, original, replacement) of every method replaced.
@@ -63,6 +63,8 @@ def _on_setting_changed(setting: str, **kwargs: Any) -> None:
 def _replace(
     cls: type, name: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
 ) -> None:
+    if any(c is cls and n == name for c, n, _, _ in _replaced):
+        return  # kept since an uninstall, under another library's wrapper: live again
     original = cls.__dict__[name]
     replacement = wrap(original)
     replacement.__wrapped__ = original  # type: ignore[attr-defined]
@@ -71,19 +73,26 @@ def _replace(
     _replaced.append((cls, name, original, replacement))
 
 
-def install() -> None:
-    """Install the guard in this process (idempotent). Called by the app's ``ready()``."""
+def install(*, patch: bool = True) -> None:
+    """Install the guard in this process (idempotent). Called by the app's ``ready()``.
+
+    ``patch=False`` (``DBKEEPALIVE["PATCH"] = False``) replaces nothing of Django's: only
+    connections of a backend built on :class:`~.native.GuardedWrapperMixin` (the
+    ``django_dbkeepalive.backends`` ENGINEs) are guarded, by its own methods."""
     with _lock:
         if ACTIVE[0]:
             return
-        for path, name, wrap in CLASS_PATCHES:
-            _replace(_class(path), name, wrap)
-        for family in FAMILIES:
-            for cls, name, wrap in family.backend_patches():
-                _replace(cls, name, wrap)
-        if "close" not in backend_utils.CursorWrapper.__dict__:
-            backend_utils.CursorWrapper.close = cursor_close  # type: ignore[attr-defined]
-            _replaced.append((backend_utils.CursorWrapper, "close", None, cursor_close))
+        if patch:
+            for path, name, wrap in CLASS_PATCHES:
+                _replace(_class(path), name, wrap)
+            for family in FAMILIES:
+                for cls, name, wrap in family.backend_patches():
+                    _replace(cls, name, wrap)
+            if "close" not in backend_utils.CursorWrapper.__dict__:
+                backend_utils.CursorWrapper.close = cursor_close  # type: ignore[attr-defined]
+                _replaced.append((backend_utils.CursorWrapper, "close", None, cursor_close))
+            # (A close already there is Django's own, or the guard's kept one.)
+        PATCHED[0] = patch
         connection_created.connect(_on_connection_created, dispatch_uid="dbkeepalive-guard")
         setting_changed.connect(_on_setting_changed, dispatch_uid="dbkeepalive-settings")
         fork.set_active(True)
@@ -101,14 +110,18 @@ def uninstall() -> None:
         if not ACTIVE[0]:
             return
         ACTIVE[0] = False
+        PATCHED[0] = False
+        kept = []
         for cls, name, original, replacement in reversed(_replaced):
             if cls.__dict__.get(name) is not replacement:
-                continue  # wrapped since by another library: ours stays, passing through
-            if original is None:
+                # Wrapped since by another library: ours stays under it, passing through
+                # (it guards only wrappers with a state), and is reused by install().
+                kept.append((cls, name, original, replacement))
+            elif original is None:
                 delattr(cls, name)
             else:
                 setattr(cls, name, original)
-        _replaced.clear()
+        _replaced[:] = kept
         connection_created.disconnect(dispatch_uid="dbkeepalive-guard")
         setting_changed.disconnect(dispatch_uid="dbkeepalive-settings")
         fork.set_active(False)
@@ -121,3 +134,8 @@ def uninstall() -> None:
 def is_installed() -> bool:
     """Whether the guard is installed in this process."""
     return ACTIVE[0]
+
+
+def is_patched() -> bool:
+    """Whether it is installed by patching Django's classes (``DBKEEPALIVE["PATCH"]``)."""
+    return PATCHED[0]

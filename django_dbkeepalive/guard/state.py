@@ -3,7 +3,7 @@ connection, attached to Django's ``DatabaseWrapper`` as one attribute.
 
 Owns: the fields the rules read and write, what carries over from a wrapper's previous
 connection to its next one, and how a state is found from a wrapper (:func:`state_of`).
-Data only: must never import the rules, the wrappers or the database families.
+Data only. Must never import: the rules, the wrappers or the database families.
 """
 
 from __future__ import annotations

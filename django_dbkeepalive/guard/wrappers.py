@@ -208,6 +208,8 @@ def _wrap_connect(original: Callable[..., Any]) -> Callable[..., Any]:
 
 #: Whether the guard is installed: ``[True]`` between install() and uninstall().
 ACTIVE = [False]
+#: Whether it is installed by patching Django's classes (``DBKEEPALIVE["PATCH"]``).
+PATCHED = [False]
 
 
 def cursor_close(self: Any) -> Any:

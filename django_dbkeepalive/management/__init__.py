@@ -1,0 +1,1 @@
+"""Django looks for ``manage.py dbkeepalive`` in :mod:`.commands`."""

@@ -21,7 +21,7 @@ from ..causes import Cause, explain
 from ..disconnects import Disconnect
 from ..state import ConnectionState
 
-__all__ = ["Driver", "Family", "Statement"]
+__all__ = ["Driver", "Family", "Statement", "limit_for"]
 
 logger = logging.getLogger("django_dbkeepalive")
 
@@ -199,12 +199,27 @@ class Family:
     def dropped(self, db: Any, *, fork: bool) -> None:
         """The guard detached the connection's socket; anything else to let go of."""
 
-    # --------------------------------------------------------------- patches
+    # ------------------------------------------------------ backend methods
+
+    def is_usable(self, db: Any, original: Callable[[], bool]) -> bool:
+        """The backend's ``is_usable()``; ``original`` is Django's."""
+        return original()
+
+    def connection_params(self, db: Any, params: dict[str, Any]) -> dict[str, Any]:
+        """What the backend passes to the driver's ``connect()``, adjusted."""
+        return self.driver_for(getattr(db, "Database", None)).connection_params(params, db.alias)
 
     def backend_patches(self) -> list[tuple[type, str, Any]]:
         """``(class, method name, wrap)`` pairs the guard installs on this family's
         backend classes: ``wrap(original)`` returns the replacement."""
         return []
+
+
+def limit_for(wait: float, margin: float) -> float:
+    """The guard's idle limit for a server idle timeout ``wait``: ``wait - margin``,
+    but never less than half of ``wait`` (a margin as large as the timeout itself would
+    leave no usable window)."""
+    return wait - min(margin, wait / 2)
 
 
 def options_of(settings_dict: Mapping[str, Any]) -> Mapping[str, Any]:

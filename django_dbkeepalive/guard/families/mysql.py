@@ -20,10 +20,10 @@ from ...conf import conf
 from ..causes import Cause, explain
 from ..disconnects import Disconnect
 from ..state import INF, ConnectionState, Session, now
-from .base import Driver, Family, Statement
-from .mysql_drivers import DRIVERS, Mysqlclient
+from .base import Driver, Family, Statement, limit_for
+from .mysql_drivers import DRIVERS
 
-__all__ = ["DISCONNECT_CODES", "MySQLFamily", "limit_for"]
+__all__ = ["DISCONNECT_CODES", "MYSQL", "MySQLFamily"]
 
 logger = logging.getLogger("django_dbkeepalive")
 
@@ -67,13 +67,6 @@ DISCONNECT_CODES = frozenset({*_NOT_SENT, *_AMBIGUOUS, *_TOO_LARGE})
 ZOMBIE_KINDS = ("timeout", "dead_peer")
 # The smallest max_allowed_packet a server accepts: a shorter statement always fits.
 _MIN_MAX_ALLOWED_PACKET = 1024
-
-
-def limit_for(wait: float, margin: float) -> float:
-    """The guard's idle limit for a server idle timeout ``wait``: ``wait - margin``,
-    but never less than half of ``wait`` (a margin as large as the timeout itself would
-    leave no usable window)."""
-    return wait - min(margin, wait / 2)
 
 
 def _code_of(exc: BaseException) -> int | None:
@@ -156,7 +149,7 @@ class MySQLFamily(Family):
     vendor = "mysql"
     title = "MySQL/MariaDB"
     drivers = DRIVERS
-    fallback_driver: Driver = Mysqlclient()
+    fallback_driver: Driver = Driver()
     watches_socket = True
     can_ping = True
     peek_size = 7  # 3-byte length, sequence number, 0xFF, a 2-byte error code
@@ -315,7 +308,28 @@ class MySQLFamily(Family):
             return too_large_cause(size, limit)
         return None
 
-    # --------------------------------------------------------------- patches
+    # ------------------------------------------------------ backend methods
+
+    def is_usable(self, db: Any, original: Callable[[], bool]) -> bool:
+        """Django's ``is_usable()`` pings; PyMySQL's ping reconnects silently by default,
+        skipping Django's session setup: ping through the driver adapter instead."""
+        driver = self.driver_for(getattr(db, "Database", None))
+        if db.connection is not None and driver.name == "PyMySQL":
+            try:
+                driver.ping(db.connection)
+            except Exception:
+                return False
+            return True
+        return original()
+
+    def connection_params(self, db: Any, params: dict[str, Any]) -> dict[str, Any]:
+        """``CLIENT_TIMEOUTS`` where ``OPTIONS`` has none (an option file,
+        ``read_default_file``, may set them: the user's choice wins)."""
+        timeouts = conf.for_alias(db.alias).client_timeouts
+        if timeouts and "read_default_file" not in params:
+            for name, value in timeouts.items():
+                params.setdefault(name, value)  # OPTIONS are already in params
+        return super().connection_params(db, params)
 
     def backend_patches(self) -> list[tuple[type, str, Any]]:
         try:
@@ -329,39 +343,16 @@ class MySQLFamily(Family):
 
 
 def _wrap_is_usable(original: Callable[..., Any]) -> Callable[..., Any]:
-    """Django's ``is_usable()`` pings; PyMySQL's ping reconnects silently by default,
-    skipping Django's session setup. Ping through the driver adapter instead."""
-
     def is_usable(self: Any) -> bool:
-        if self.connection is not None:
-            driver = MYSQL.driver_for(getattr(self, "Database", None))
-            if driver.name == "PyMySQL":
-                try:
-                    driver.ping(self.connection)
-                except Exception:
-                    return False
-                return True
-        return bool(original(self))
+        return MYSQL.is_usable(self, lambda: bool(original(self)))
 
-    is_usable.__wrapped__ = original  # type: ignore[attr-defined]
     return is_usable
 
 
 def _wrap_get_connection_params(original: Callable[..., Any]) -> Callable[..., Any]:
-    """Add ``CLIENT_TIMEOUTS`` where ``OPTIONS`` has none, and let the driver's adapter
-    adjust what it is given."""
-
     def get_connection_params(self: Any) -> Any:
-        params = original(self)
-        timeouts = conf.for_alias(self.alias).client_timeouts
-        # An option file (read_default_file) may set them: the user's choice wins.
-        if timeouts and "read_default_file" not in params:
-            for name, value in timeouts.items():
-                params.setdefault(name, value)  # OPTIONS are already in params
-        driver = MYSQL.driver_for(getattr(self, "Database", None))
-        return driver.connection_params(params, self.alias)
+        return MYSQL.connection_params(self, original(self))
 
-    get_connection_params.__wrapped__ = original  # type: ignore[attr-defined]
     return get_connection_params
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from ..causes import Cause, explain
 from ..disconnects import Disconnect
 from ..state import INF, ConnectionState
-from .base import Driver, Family
+from .base import Driver, Family, limit_for
 
 __all__ = ["POSTGRESQL", "PostgreSQLFamily"]
 
@@ -185,7 +185,7 @@ class PostgreSQLFamily(Family):
             with contextlib.suppress(TypeError):  # a connection that takes no weak ref
                 _known[conn] = known
         state.wait, state.tx_wait = known
-        state.limit = state.wait - min(state.cfg.margin, state.wait / 2)
+        state.limit = limit_for(state.wait, state.cfg.margin)
 
     def _read(self, db: Any, conn: Any) -> tuple[float, float | None]:
         try:

@@ -198,7 +198,14 @@ class Command(BaseCommand):
         mode = {
             "auto": "on (AUTO_GUARD)",
             "middleware": "requests only (KeepaliveMiddleware; AUTO_GUARD is off)",
-            "off": "OFF" + ("" if g["installed"] else " (not installed)"),
+            "off": "OFF"
+            + (
+                " (not installed)"
+                if not g["installed"]
+                else " (DBKEEPALIVE['PATCH'] is False and this ENGINE has no guard)"
+                if g.get("installed_by") is None
+                else ""
+            ),
             "invalid": "unknown: DBKEEPALIVE is invalid (see Settings above)",
         }[g["mode"]]
         rows.append(("guard", mode))

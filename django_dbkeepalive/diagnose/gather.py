@@ -1,185 +1,32 @@
-"""What ``manage.py dbkeepalive`` reports, gathered without printing anything.
+"""Gathering what ``manage.py dbkeepalive`` reports, without printing anything.
 
-:func:`diagnose` returns a :class:`Report` whose :meth:`Report.as_dict` is the command's
-``--json`` document (schema in ``docs/diagnose.md``; bump :data:`SCHEMA_VERSION` on any
-incompatible change). The verdicts come from the system checks in
-:mod:`django_dbkeepalive.checks`, so the command and ``manage.py check --database``
-always agree. Nothing here ever holds a password: options are masked and error texts
-pass through :func:`~django_dbkeepalive.checks.mask_secrets`.
+Owns: :func:`diagnose`, which builds a :class:`~.report.Report` per alias from the
+system checks (so the command and ``manage.py check --database`` always agree), the
+guard's own view of each alias and, with ``--probe``, :func:`~.probe.run_probe`.
+Nothing here ever holds a password: options are masked and error texts pass through
+:func:`~django_dbkeepalive.checks.mask_secrets`.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import math
-import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import django
 from django.conf import settings
 from django.core import checks as django_checks
 from django.db import connections
 
-from . import __version__, checks, guard
-from .conf import TIMEOUT_NAMES
-from .signals import connection_recycled
-
-__all__ = [
-    "EXIT_OK",
-    "EXIT_PROBLEM",
-    "EXIT_UNREACHABLE",
-    "SCHEMA_VERSION",
-    "AliasReport",
-    "Issue",
-    "ProbeResult",
-    "Report",
-    "diagnose",
-    "mask_options",
-    "run_probe",
-]
-
-#: Version of the ``--json`` document; bumped on any incompatible change.
-SCHEMA_VERSION = 1
-EXIT_OK = 0
-EXIT_PROBLEM = 1
-EXIT_UNREACHABLE = 2
+from .. import checks, guard
+from ..conf import TIMEOUT_NAMES
+from .probe import run_probe
+from .report import AliasReport, Issue, ProbeResult, Report, json_safe
 
 MASK = "********"
 _SECRET_OPTIONS = ("password", "passwd")
-PROBE_WAIT_TIMEOUT = 1
-PROBE_IDLE = 2.0
 
 Progress = Callable[[str], None]
-
-
-@dataclass
-class Issue:
-    """One system check message, as plain data."""
-
-    id: str
-    level: str  # "error", "warning" or "info"
-    message: str
-    hint: str
-
-    @classmethod
-    def from_check(cls, message: django_checks.CheckMessage) -> Issue:
-        if message.level >= django_checks.ERROR:
-            level = "error"
-        elif message.level >= django_checks.WARNING:
-            level = "warning"
-        else:
-            level = "info"
-        return cls(str(message.id), level, str(message.msg), str(message.hint or ""))
-
-    @property
-    def is_problem(self) -> bool:
-        return self.level != "info"
-
-
-@dataclass
-class ProbeResult:
-    """The live idle-and-reconnect test of one alias (``--probe``)."""
-
-    ran: bool
-    outcome: str  # "recovered", "not_closed", "failed" or "skipped"
-    detail: str
-    recovered: bool = False
-    forced_guard: bool = False  # AUTO_GUARD is off: the probe turned the guard on itself
-    session_wait_timeout: int = PROBE_WAIT_TIMEOUT
-    idle_seconds: float | None = None
-    reasons: list[str] = field(default_factory=list)
-    query_seconds: float | None = None
-    connection_id_before: int | None = None
-    connection_id_after: int | None = None
-    server_connections_before: int | None = None
-    server_connections_after: int | None = None
-    error: str | None = None
-
-
-@dataclass
-class AliasReport:
-    """Everything the command shows about one alias."""
-
-    alias: str
-    engine: str
-    vendor: str | None  # None: the backend cannot be loaded (E005)
-    mysql: bool
-    note: str | None
-    host: str | None
-    port: int | None
-    socket: str | None
-    user: str | None
-    name: str | None
-    driver: dict[str, Any]
-    server: dict[str, Any] | None
-    client: dict[str, Any]
-    django: dict[str, Any]
-    guard: dict[str, Any]
-    issues: list[Issue]
-    verdict: str  # "ok", "problem" or "unreachable"
-    hint: str
-    probe: ProbeResult | None = None
-
-
-@dataclass
-class Report:
-    """The whole diagnosis: settings-wide issues and one :class:`AliasReport` per alias."""
-
-    issues: list[Issue]
-    databases: list[AliasReport]
-
-    @property
-    def exit_code(self) -> int:
-        if any(d.verdict == "unreachable" for d in self.databases):
-            return EXIT_UNREACHABLE
-        if any(i.is_problem for i in self.issues) or any(
-            d.verdict == "problem" for d in self.databases
-        ):
-            return EXIT_PROBLEM
-        return EXIT_OK
-
-    @property
-    def status(self) -> str:
-        return {EXIT_OK: "ok", EXIT_PROBLEM: "problem", EXIT_UNREACHABLE: "unreachable"}[
-            self.exit_code
-        ]
-
-    def as_dict(self) -> dict[str, Any]:
-        """The ``--json`` document (see ``docs/diagnose.md``): strict JSON data, so
-        ``json.dumps(..., allow_nan=False)`` always succeeds (``inf`` and ``nan``, which
-        only a setting Django does not validate can hold, become ``None``)."""
-        doc: dict[str, Any] = json_safe(
-            {
-                "schema_version": SCHEMA_VERSION,
-                "package_version": __version__,
-                "django_version": django.get_version(),
-                "status": self.status,
-                "exit_code": self.exit_code,
-                "issues": [asdict(i) for i in self.issues],
-                "databases": [asdict(d) for d in self.databases],
-            }
-        )
-        return doc
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` as strict JSON data: non-finite floats become ``None``, tuples lists,
-    keys strings, and anything else that JSON cannot hold its ``repr()``."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return repr(value)
-
-
-# ---------------------------------------------------------------------- helpers
 
 
 def mask_options(
@@ -220,22 +67,18 @@ def _dist_version(name: str) -> str | None:
 
 
 def _driver(db: Any) -> dict[str, Any]:
+    """The driver the alias really uses: its backend's DB-API module, through the
+    guard's adapter for it (never a driver that is merely importable)."""
     module: Any = getattr(db, "Database", None)
-    module_name = getattr(module, "__name__", "") or ""
-    if db.vendor == "mysql":
-        if module_name == "pymysql":
-            version = _dist_version("PyMySQL") or getattr(module, "VERSION_STRING", None)
-            return {"name": "PyMySQL", "version": version, "client_library": None}
-        client = None
-        try:
-            client = str(module._mysql.get_client_info())
-        except Exception:
-            client = None
+    driver = guard.driver_of(db)
+    if driver.distribution is not None:
+        version = _dist_version(driver.distribution) or getattr(module, "__version__", None)
         return {
-            "name": "mysqlclient",
-            "version": _dist_version("mysqlclient"),
-            "client_library": client,
+            "name": driver.name,
+            "version": version,
+            "client_library": driver.client_library(module),
         }
+    module_name = getattr(module, "__name__", "") or ""
     version = getattr(module, "sqlite_version", None) or getattr(module, "__version__", None)
     return {"name": module_name or None, "version": version, "client_library": None}
 
@@ -303,6 +146,7 @@ def _guard_info(
     if cfg is None:  # DBKEEPALIVE is invalid (see the settings issues)
         return {
             "installed": installed,
+            "installed_by": None,
             "enabled": False,
             "mode": "invalid",
             "wait_timeout": None,
@@ -314,7 +158,11 @@ def _guard_info(
             "retry_reads": None,
         }
     middleware = checks.MIDDLEWARE_PATH in (getattr(settings, "MIDDLEWARE", None) or ())
-    if not installed:
+    native = checks.backend_error(alias) is None and bool(
+        getattr(connections[alias], "dbkeepalive_native", False)
+    )
+    by = None if not installed else "patch" if guard.is_patched() else "engine" if native else None
+    if by is None:
         mode = "off"
     elif cfg.auto_guard:
         mode = "auto"
@@ -330,6 +178,7 @@ def _guard_info(
         wait, source = None, None
     return {
         "installed": installed,
+        "installed_by": by,  # "patch" (Django's classes), "engine" (the backend) or None
         "enabled": mode != "off",
         "mode": mode,  # "auto", "middleware" (requests only) or "off"
         "wait_timeout": wait,
@@ -359,9 +208,6 @@ def _verdict(
     if probe is not None and probe.outcome == "failed":
         hints.append(f"probe: {probe.detail}")
     return verdict, " ".join(hints)
-
-
-# ----------------------------------------------------------------------- gather
 
 
 def _alias_report(alias: str, mysql: bool, probe: bool, progress: Progress | None) -> AliasReport:
@@ -493,137 +339,3 @@ def diagnose(
 def _settings_messages() -> list[django_checks.CheckMessage]:
     # The per-alias configuration checks are in the alias reports.
     return checks.check_settings() + checks.middleware_messages()
-
-
-# ------------------------------------------------------------------------ probe
-
-
-def _one(cursor: Any, sql: str) -> Any:
-    cursor.execute(sql)
-    row = cursor.fetchone()
-    return None if row is None else row[-1]
-
-
-def run_probe(
-    alias: str,
-    *,
-    wait_timeout: int = PROBE_WAIT_TIMEOUT,
-    idle: float = PROBE_IDLE,
-    progress: Progress | None = None,
-) -> ProbeResult:
-    """A live test: idle past the server's wait_timeout, then query through the guard.
-
-    Opens a new connection for ``alias`` (a separate ``DatabaseWrapper`` in this thread,
-    so the thread's own connection is left alone, with the capped client timeouts of
-    :func:`~django_dbkeepalive.checks.diagnostic_connection`), sets its SESSION ``wait_timeout``
-    to ``wait_timeout`` seconds, sleeps ``idle`` seconds so the server closes it, runs
-    ``SELECT 1`` and reports what the guard did (``connection_recycled`` reasons), how
-    long that query took, and the connection ids and server connection counts around it.
-    """
-    reasons: list[str] = []
-    me = threading.get_ident()
-
-    def on_recycled(sender: str, reason: str, **kwargs: Any) -> None:
-        if sender == alias and threading.get_ident() == me:
-            reasons.append(reason)
-
-    cfg = checks.alias_settings(alias)
-    installed = guard.is_installed()
-    forced = installed and cfg is not None and not cfg.auto_guard
-    result = ProbeResult(True, "failed", "", forced_guard=forced, session_wait_timeout=wait_timeout)
-    with checks.diagnostic_connection(alias) as db:
-        _probe(db, alias, result, reasons, on_recycled, wait_timeout, idle, progress)
-    result.reasons = list(reasons)
-    return result
-
-
-def _probe(
-    db: Any,
-    alias: str,
-    result: ProbeResult,
-    reasons: list[str],
-    on_recycled: Callable[..., None],
-    wait_timeout: int,
-    idle: float,
-    progress: Progress | None,
-) -> None:
-    installed = guard.is_installed()
-    forced = result.forced_guard
-    connection_recycled.connect(on_recycled, weak=False)
-    try:
-        db.ensure_connection()
-        if forced:
-            guard.enable(db)
-        with db.cursor() as cursor:
-            result.connection_id_before = int(_one(cursor, "SELECT CONNECTION_ID()"))
-            result.server_connections_before = int(
-                _one(cursor, "SHOW GLOBAL STATUS LIKE 'Connections'")
-            )
-            cursor.execute(f"SET SESSION wait_timeout = {int(wait_timeout)}")
-        started = time.monotonic()
-        if progress:
-            progress(
-                f"probe {alias!r}: connection {result.connection_id_before} idle for "
-                f"{idle:g} s past its session wait_timeout of {wait_timeout} s "
-            )
-        step = 0.5
-        while (left := idle - (time.monotonic() - started)) > 0:
-            time.sleep(min(step, left))
-            if progress:
-                progress(".")
-        result.idle_seconds = round(time.monotonic() - started, 3)
-        if progress:
-            progress(" querying\n")
-        t0 = time.monotonic()
-        try:
-            with db.cursor() as cursor:
-                value = _one(cursor, "SELECT 1")
-                result.query_seconds = round(time.monotonic() - t0, 4)
-                result.connection_id_after = int(_one(cursor, "SELECT CONNECTION_ID()"))
-                result.server_connections_after = int(
-                    _one(cursor, "SHOW GLOBAL STATUS LIKE 'Connections'")
-                )
-        except Exception as exc:
-            result.query_seconds = round(time.monotonic() - t0, 4)
-            result.error = checks.error_text(alias, exc)
-            result.outcome = "failed"
-            result.detail = (
-                f"the query after the idle period failed ({result.error}); the guard did not "
-                "recover the connection"
-                + (
-                    ""
-                    if installed
-                    else " (the guard is not installed: add 'django_dbkeepalive' to INSTALLED_APPS)"
-                )
-                + "."
-            )
-            return
-        result.reasons = list(reasons)
-        if int(value) != 1:  # pragma: no cover - a server that cannot add
-            result.detail = f"SELECT 1 returned {value!r}"
-            return
-        if result.connection_id_after != result.connection_id_before:
-            result.outcome, result.recovered = "recovered", True
-            why = ", ".join(reasons) or "no signal"
-            result.detail = (
-                f"the server closed connection {result.connection_id_before} after "
-                f"{wait_timeout} s idle; the guard replaced it ({why}) and the query ran on "
-                f"connection {result.connection_id_after} in {result.query_seconds * 1000:.1f} ms"
-            )
-        else:
-            result.outcome, result.recovered = "not_closed", True
-            result.detail = (
-                f"connection {result.connection_id_before} was still open after "
-                f"{result.idle_seconds:g} s idle with wait_timeout {wait_timeout} s (a proxy "
-                "between the application and the server?); nothing to recover"
-            )
-        return
-    except Exception as exc:
-        result.error = checks.error_text(alias, exc)
-        result.detail = f"the probe could not run: {result.error}"
-        return
-    finally:
-        connection_recycled.disconnect(on_recycled)
-        if forced:
-            guard.disable(db)
-        result.reasons = list(reasons)

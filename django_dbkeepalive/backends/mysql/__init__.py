@@ -1,0 +1,1 @@
+"""``ENGINE = "django_dbkeepalive.backends.mysql"``: Django's MySQL backend, guarded."""

@@ -1,0 +1,14 @@
+"""Django's MySQL/MariaDB backend with the connection guard built in (see
+:mod:`django_dbkeepalive.backends`)."""
+
+from __future__ import annotations
+
+from django.db.backends.mysql import base
+
+from ..mixin import KeepaliveWrapperMixin
+
+__all__ = ["DatabaseWrapper"]
+
+
+class DatabaseWrapper(KeepaliveWrapperMixin, base.DatabaseWrapper):
+    """Django's MySQL ``DatabaseWrapper``, guarded without patching."""

@@ -1,0 +1,2 @@
+"""``ENGINE = "django_dbkeepalive.backends.postgresql"``: Django's PostgreSQL backend,
+guarded."""
