@@ -12,7 +12,7 @@ APT_PACKAGES := mariadb-server libmariadb-dev pkg-config
 # mariadbd lives in /usr/sbin, often not on a normal user's PATH.
 export PATH := $(PATH):/usr/sbin:/usr/local/sbin
 
-.PHONY: help deps venv test demo bench soak lint docs matrix clean
+.PHONY: help deps venv test ha demo bench soak lint docs matrix clean
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-7s %s\n", $$1, $$2}'
@@ -33,6 +33,10 @@ deps: ## check (as root: install) what the build and the tests need from the sys
 	  || { missing="$$missing libmariadb-headers"; pkgs="$$pkgs libmariadb-dev"; }; \
 	command -v cc >/dev/null || { missing="$$missing cc"; pkgs="$$pkgs gcc"; }; \
 	command -v redis-server >/dev/null || { missing="$$missing redis-server"; pkgs="$$pkgs redis-server"; }; \
+	command -v haproxy >/dev/null || { missing="$$missing haproxy"; pkgs="$$pkgs haproxy"; }; \
+	command -v mariadb >/dev/null || { missing="$$missing mariadb"; pkgs="$$pkgs mariadb-client"; }; \
+	ls /usr/lib/galera/libgalera_smm.so /usr/lib/libgalera_smm.so >/dev/null 2>&1 \
+	  || { missing="$$missing galera"; pkgs="$$pkgs galera-4"; }; \
 	pg_ok() { { command -v initdb && command -v postgres; } >/dev/null 2>&1 \
 	  || ls /usr/lib/postgresql/*/bin/initdb /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; }; \
 	pg_ok || { missing="$$missing postgres"; pkgs="$$pkgs postgresql"; }; \
@@ -45,10 +49,12 @@ deps: ## check (as root: install) what the build and the tests need from the sys
 	echo "missing:$$missing"; \
 	if [ "$$(id -u)" != 0 ]; then echo "run: sudo apt-get install -y $$pkgs"; exit 1; fi; \
 	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$pkgs || exit 1; \
-	for cmd in mariadbd mariadb-install-db pkg-config cc redis-server; do \
+	for cmd in mariadbd mariadb-install-db pkg-config cc redis-server haproxy mariadb; do \
 	  command -v $$cmd >/dev/null || { echo "still missing after apt-get: $$cmd"; exit 1; }; \
 	done; \
 	pg_ok || { echo "still missing after apt-get: postgres (initdb, postgres)"; exit 1; }
+# haproxy and galera-4 (with the mariadb client, which Galera's mysqldump state transfer
+# calls) are for make ha: tests/haproxy.py, tests/galera.py start their own instances.
 # Installing mariadb-server, redis-server (the Celery tests' broker) or postgresql may
 # start the system service (postgresql: the system cluster on port 5432): harmless, the
 # tests always start their own private servers on free ports and never use it. Debian
@@ -77,6 +83,9 @@ JOBS ?= $(if $(SERIAL),1,2)
 
 test: venv ## run the tests with mysqlclient and PyMySQL, report coverage (SERIAL=1: one by one)
 	$(PY) -m tests.sessions --jobs $(JOBS) --drivers $(subst $(eval) ,$(comma),$(DRIVERS)) -- $(PYTEST_ARGS)
+
+ha: venv ## the topology tests: replication failover, HAProxy, a 3-node Galera cluster
+	$(PY) -m pytest -m ha $(PYTEST_ARGS)
 
 demo: venv ## run the demo (testproject/demo.py)
 	$(PY) -m testproject.demo

@@ -313,8 +313,14 @@ class MariaDBServer(PrivateServer):
         finally:
             conn.close()
 
+    def extra_options(self) -> list[str]:
+        """Options appended to the server's command line (subclasses: replication,
+        Galera). ``--skip-log-bin`` is left out when they turn the binary log on."""
+        return []
+
     def _spawn(self) -> None:
         assert self.tmpdir is not None
+        extra = self.extra_options()
         cmd = [
             _which("mariadbd"),
             "--no-defaults",  # never read /etc/mysql: the system server's config is not ours
@@ -326,10 +332,12 @@ class MariaDBServer(PrivateServer):
             "--bind-address=127.0.0.1",
             f"--user={self._os_user}",  # mariadbd refuses to run as root without --user=root
             "--skip-name-resolve",
-            "--skip-log-bin",
             f"--log-error={self.tmpdir / 'error.log'}",
             *SERVER_OPTIONS,
         ]
+        if not any(option.startswith("--log-bin") for option in extra):
+            cmd.append("--skip-log-bin")
+        cmd += extra
         if self.tls and self.ssl_cert is not None:
             cmd += [f"--ssl-cert={self.ssl_cert}", f"--ssl-key={self.ssl_cert.with_suffix('.key')}"]
         self.process = subprocess.Popen(

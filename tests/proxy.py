@@ -172,6 +172,13 @@ class FaultProxy:
         """Delay every chunk from now on by ``seconds`` (in both directions)."""
         self._call(lambda: setattr(self, "latency", max(0.0, float(seconds))))
 
+    def retarget(self, target_port: int) -> None:
+        """Send new flows to the server on ``target_port`` (of 127.0.0.1) from now on;
+        open flows stay on the server they reached, as with a moved virtual IP or DNS
+        name (what a failover does to persistent connections)."""
+        target = (HOST, int(target_port))
+        self._call(lambda: setattr(self, "target", target))
+
     def open_flows(self) -> list[Flow]:
         return list(self._call(lambda: list(self._live)))
 
