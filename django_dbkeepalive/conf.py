@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "RETRY_READS": True,
     "CLIENT_TIMEOUTS": None,
     "TCP_KEEPALIVE": None,
+    "RETRY_CONNECT_FOR": 5.0,
 }
 #: Keys allowed only at the top level, with their defaults (``DATABASES``: none).
 TOP_LEVEL_ONLY = ("DATABASES", "PATCH")
@@ -71,6 +72,10 @@ _ALLOWED = {
         "values), or a dict of 'connect_timeout', 'read_timeout', 'write_timeout' "
         f"to whole seconds from 1 to {MAX_CLIENT_TIMEOUT}"
     ),
+    "RETRY_CONNECT_FOR": (
+        f"a number of seconds from 0 (off) to {MAX_SECONDS}: how long connecting is "
+        "retried, with backoff, while the server cannot be reached"
+    ),
     "TCP_KEEPALIVE": (
         "None or False (off), or whole seconds of idle before TCP probes, "
         f"from 1 to {MAX_TCP_KEEPALIVE}"
@@ -110,6 +115,8 @@ class AliasSettings:
     client_timeouts: Mapping[str, int] | None = None
     #: idle seconds before TCP keepalive probes (``None``: the socket is left alone).
     tcp_keepalive: int | None = None
+    #: seconds during which a connect that cannot reach the server is retried (0: never).
+    retry_connect_for: float = 5.0
 
 
 def _is_number(value: object) -> bool:
@@ -199,7 +206,7 @@ def _check_value(key: str, value: object, path: tuple[object, ...]) -> list[Prob
         ok = value is None or value is False or _is_whole_seconds(value, MAX_TCP_KEEPALIVE)
     elif key in ("AUTO_GUARD", "RETRY_READS"):
         ok = isinstance(value, bool)
-    elif key in ("MARGIN", "PEEK_AFTER"):
+    elif key in ("MARGIN", "PEEK_AFTER", "RETRY_CONNECT_FOR"):
         ok = _in_range(value, 0, MAX_SECONDS)
     elif key == "PING_AFTER":
         ok = value is None or _in_range(value, 0, MAX_SECONDS)
@@ -357,6 +364,7 @@ class Settings:
             retry_reads=bool(merged["RETRY_READS"]),
             client_timeouts=_client_timeouts(merged["CLIENT_TIMEOUTS"]),
             tcp_keepalive=int(merged["TCP_KEEPALIVE"]) if merged["TCP_KEEPALIVE"] else None,
+            retry_connect_for=float(merged["RETRY_CONNECT_FOR"]),
         )
 
     @property

@@ -492,6 +492,21 @@ def test_wrong_password_is_an_error_naming_user_and_password_not_an_unreachable_
     assert server.password not in text_of(found)
 
 
+def test_an_alias_the_test_did_not_declare_is_not_checked_and_not_an_error():
+    # This test declares only "default": Django's test case forbids connecting to
+    # "reader" (DatabaseOperationForbidden). That says nothing about the server.
+    found = ours(["reader"])
+    assert ids(found) == ["dbkeepalive.I003"]
+    assert found[0].msg.startswith("Database 'reader': its server at 127.0.0.1:")
+    assert "DatabaseOperationForbidden" in found[0].msg
+    assert "declare the alias" in found[0].hint
+    from django_dbkeepalive.diagnose import diagnose
+
+    [db] = diagnose(["reader"]).as_dict()["databases"]
+    assert db["server"]["error_kind"] == "not_checked"
+    assert db["verdict"] == "ok"
+
+
 def test_only_the_aliases_asked_for_are_visited():
     with down_alias() as alias:
         assert ours(["default"]) == []

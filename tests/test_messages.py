@@ -130,14 +130,18 @@ def test_restart_while_idle_in_a_transaction(server, raw) -> None:
 
 
 @pytest.mark.restart
+@override_settings(DBKEEPALIVE={"RETRY_CONNECT_FOR": 1})
 def test_server_down_says_it_cannot_be_reached_and_what_was_lost(server, raw) -> None:
     Item.objects.create(key="a")
     server.stop()
     try:
         time.sleep(0.2)
+        started = time.monotonic()
         with pytest.raises(OperationalError) as caught:
             Item.objects.create(key="b")
+        assert 1.0 <= time.monotonic() - started < 2.5  # retried for RETRY_CONNECT_FOR
         text = notes(caught.value)
+        assert "DBKEEPALIVE['RETRY_CONNECT_FOR']" in text
         assert caught.value.args[0] in (2002, 2003, 2013)
         assert "could not connect to database 'default'" in text
         assert "down or restarting" in text

@@ -1,6 +1,7 @@
 """What a failed connect of the checks means, and the message for it: ``W005`` when the
 server could not be reached, ``E006`` when the alias's settings, credentials, database
-name or ``init_command`` are at fault. Never shows a password.
+name or ``init_command`` are at fault, ``I003`` when something other than the server or
+the settings forbade the connect (Django's test framework). Never shows a password.
 Must never import: :mod:`.server`, :mod:`.configuration`.
 """
 
@@ -40,6 +41,12 @@ _ACCESS_DENIED_CODES = frozenset(
     }
 )
 _UNKNOWN_DATABASE = 1049
+#: Refusals that come from the calling code's context, not from the server or the alias's
+#: settings: Django's test cases forbid connecting to aliases a test did not declare
+#: (``django.test.testcases.DatabaseOperationForbidden``), and Django forbids a blocking
+#: connect from an event loop's thread. Matched by class name, so that the checks never
+#: import ``django.test``.
+_NOT_CHECKED_ERRORS = frozenset({"DatabaseOperationForbidden", "SynchronousOnlyOperation"})
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -67,8 +74,12 @@ def connect_error_kind(exc: BaseException) -> str:
     - ``"unknown_database"``: the server has no database ``NAME`` (1049);
     - ``"sql"``: the server rejected a statement run while connecting (``init_command``);
     - ``"configuration"``: the alias's settings are wrong before anything reaches the
-      server (a ``TypeError`` from bad ``OPTIONS`` or ``CONN_MAX_AGE``, a client error).
+      server (a ``TypeError`` from bad ``OPTIONS`` or ``CONN_MAX_AGE``, a client error);
+    - ``"not_checked"``: the caller's context forbade the connect (a Django test that did
+      not declare the alias, an event loop's thread): nothing is known about the server.
     """
+    if any(type(current).__name__ in _NOT_CHECKED_ERRORS for current in _chain(exc)):
+        return "not_checked"
     if classify(exc) is not None:
         return "unreachable"
     for current in _chain(exc):
@@ -146,8 +157,8 @@ def _configuration_fix(alias: str, exc: BaseException) -> str:
 def connect_error_message(alias: str, exc: BaseException) -> checks.CheckMessage:
     """The message for an error from connecting to check ``alias``'s server:
     ``W005`` when the server could not be reached, ``E006`` when the alias's settings,
-    credentials, database name or ``init_command`` are at fault. Never shows the
-    password."""
+    credentials, database name or ``init_command`` are at fault, ``I003`` when the
+    caller's context forbade the connect. Never shows the password."""
     kind = connect_error_kind(exc)
     if kind == "unreachable":
         return unreachable_message(alias, exc)
@@ -155,6 +166,16 @@ def connect_error_message(alias: str, exc: BaseException) -> checks.CheckMessage
     server = describe_server(settings_dict)
     error = error_text(alias, exc)
     again = f" Then run `manage.py dbkeepalive --database {alias}` again."
+    if kind == "not_checked":
+        return message(
+            "dbkeepalive.I003",
+            f"Database {alias!r}: its server at {server} was not checked: the calling "
+            f"code's context forbade connecting to it ({error}). Nothing is known about "
+            "its timeouts; this is not a problem with the server or the settings.",
+            "Run `manage.py check --database "
+            f"{alias}` or `manage.py dbkeepalive --database {alias}` outside that context "
+            "(in a test, declare the alias in the test's databases).",
+        )
     if kind == "access_denied":
         user = settings_dict.get("USER")
         msg = f"Database {alias!r}: the server at {server} refused the login ({error})."

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from django.db import connections
@@ -83,13 +83,26 @@ class ServerVariables:
     net_write_timeout: float
     max_allowed_packet: int  # @@SESSION.max_allowed_packet
     global_max_allowed_packet: int
+    #: The node's role: @@GLOBAL.read_only (a replica, or a demoted primary).
+    read_only: bool = False
+    #: A Galera node's state: wsrep_ready, wsrep_cluster_status, wsrep_local_state_comment
+    #: (empty where the server is no Galera node).
+    wsrep: Mapping[str, str] = field(default_factory=dict)
 
 
 _VARIABLES_SQL = (
     "SELECT VERSION(), @@SESSION.wait_timeout, @@GLOBAL.wait_timeout, "
     "@@GLOBAL.interactive_timeout, @@SESSION.net_read_timeout, @@SESSION.net_write_timeout, "
-    "@@SESSION.max_allowed_packet, @@GLOBAL.max_allowed_packet"
+    "@@SESSION.max_allowed_packet, @@GLOBAL.max_allowed_packet, @@GLOBAL.read_only"
 )
+_WSREP_SQL = (
+    "SHOW GLOBAL STATUS WHERE Variable_name IN "
+    "('wsrep_ready', 'wsrep_cluster_status', 'wsrep_local_state_comment')"
+)
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _number(value: Any) -> float:
@@ -108,7 +121,13 @@ def read_server_variables(alias: str) -> ServerVariables:
     with diagnostic_connection(alias) as db, db.cursor() as cursor:
         cursor.execute(_VARIABLES_SQL)
         row = cursor.fetchone()
-    version = row[0].decode() if isinstance(row[0], bytes) else str(row[0])
+        cursor.execute("SHOW GLOBAL VARIABLES LIKE 'wsrep_on'")
+        galera = [_str(value) for _name, value in cursor.fetchall()] == ["ON"]
+        wsrep: dict[str, str] = {}
+        if galera:  # (a MariaDB built with wsrep shows its status even when it is off)
+            cursor.execute(_WSREP_SQL)
+            wsrep = {_str(name): _str(value) for name, value in cursor.fetchall()}
+    version = _str(row[0])
     return ServerVariables(
         version=version,
         wait_timeout=_number(row[1]),
@@ -118,4 +137,6 @@ def read_server_variables(alias: str) -> ServerVariables:
         net_write_timeout=_number(row[5]),
         max_allowed_packet=int(_number(row[6])),
         global_max_allowed_packet=int(_number(row[7])),
+        read_only=_str(row[8]) in ("1", "ON"),
+        wsrep=wsrep,
     )

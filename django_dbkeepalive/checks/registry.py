@@ -128,6 +128,20 @@ REGISTRY: tuple[CheckInfo, ...] = (
         "a PostgreSQL alias: guarded, with the differences from MySQL listed",
         "configuration",
     ),
+    CheckInfo(
+        "dbkeepalive.W010",
+        "warning",
+        "an alias that receives writes points at a node that cannot take them "
+        "(read_only=ON, or a Galera node not ready)",
+        "server",
+    ),
+    CheckInfo(
+        "dbkeepalive.I003",
+        "info",
+        "the alias's server was not checked: the caller's context forbade connecting "
+        "(a Django test that did not declare the alias)",
+        "server",
+    ),
 )
 #: The IDs of :data:`REGISTRY`, in order.
 CHECK_IDS: tuple[str, ...] = tuple(info.id for info in REGISTRY)

@@ -18,7 +18,7 @@ from .aliases import alias_settings, is_real, options_of, settings_dict_of, spli
 from .connect_errors import connect_error_message
 from .connection import ServerVariables, read_server_variables
 from .registry import MIN_MAX_ALLOWED_PACKET, message
-from .text import alias_key, limit_formula, mask_secrets, seconds, size
+from .text import alias_key, describe_server, limit_formula, mask_secrets, seconds, size
 
 #: MySQL's ``CLIENT_INTERACTIVE`` flag: the session gets ``interactive_timeout``.
 _CLIENT_INTERACTIVE = 1024
@@ -111,6 +111,7 @@ def server_messages(
         )
     if cfg is not None:
         found += _guard_setting_messages(alias, variables, cfg, where, session_source)
+    found += _role_messages(alias, variables)
     if variables.max_allowed_packet < MIN_MAX_ALLOWED_PACKET:
         found.append(
             message(
@@ -128,6 +129,50 @@ def server_messages(
             )
         )
     return found
+
+
+def write_models(alias: str) -> int:
+    """How many installed models the database routers send the writes of to ``alias``
+    (``router.db_for_write``: ``default`` when no router decides)."""
+    from django.apps import apps
+    from django.db import router
+
+    return sum(1 for model in apps.get_models() if router.db_for_write(model) == alias)
+
+
+def _role_messages(alias: str, variables: ServerVariables) -> list[checks.CheckMessage]:
+    """``W010``: an alias that receives writes points at a node that cannot take them."""
+    ready = variables.wsrep.get("wsrep_ready")
+    if not variables.read_only and ready in (None, "ON"):
+        return []
+    models = write_models(alias)
+    if not models:
+        return []
+    state = "read-only (read_only=ON)" if variables.read_only else ""
+    if ready not in (None, "ON"):
+        status = variables.wsrep.get("wsrep_cluster_status")
+        state = ", ".join(
+            x
+            for x in (
+                state,
+                f"a Galera node not ready (wsrep_ready={ready}, cluster status {status})",
+            )
+            if x
+        )
+    where = describe_server(settings_dict_of(alias))
+    return [
+        message(
+            "dbkeepalive.W010",
+            f"Database {alias!r} receives writes (the database routers send the writes of "
+            f"{models} model{'s' if models != 1 else ''} to it), but its server at {where} is "
+            f"{state}: every write there is refused (error 1290 or 1047). The guard "
+            "replaces a refusing connection and runs the write once more on a new one, "
+            "which comes back to the same node through this HOST.",
+            f"Point DATABASES[{alias!r}]['HOST'] at the primary, or at something that follows "
+            "failovers (a virtual IP, a DNS name, a proxy checking the node's role), or "
+            "route the writes to another alias.",
+        )
+    ]
 
 
 def _guard_setting_messages(

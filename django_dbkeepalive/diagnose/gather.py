@@ -245,6 +245,10 @@ def _alias_report(alias: str, mysql: bool, probe: bool, progress: Progress | Non
             "net_write_timeout": None,
             "max_allowed_packet": None,
             "max_allowed_packet_global": None,
+            "read_only": None,
+            "wsrep_ready": None,
+            "wsrep_cluster_status": None,
+            "wsrep_local_state": None,
         }
         if variables is not None:
             server.update(
@@ -257,6 +261,10 @@ def _alias_report(alias: str, mysql: bool, probe: bool, progress: Progress | Non
                 net_write_timeout=variables.net_write_timeout,
                 max_allowed_packet=variables.max_allowed_packet,
                 max_allowed_packet_global=variables.global_max_allowed_packet,
+                read_only=variables.read_only,
+                wsrep_ready=variables.wsrep.get("wsrep_ready"),
+                wsrep_cluster_status=variables.wsrep.get("wsrep_cluster_status"),
+                wsrep_local_state=variables.wsrep.get("wsrep_local_state_comment"),
             )
     probe_result: ProbeResult | None = None
     if probe:
@@ -268,13 +276,15 @@ def _alias_report(alias: str, mysql: bool, probe: bool, progress: Progress | Non
             probe_result = ProbeResult(
                 False,
                 "skipped",
-                "the server is unreachable"
-                if kind == "unreachable"
-                else "connecting fails (see the issues)",
+                {
+                    "unreachable": "the server is unreachable",
+                    "not_checked": "the caller's context forbade connecting (see the issues)",
+                }.get(kind or "", "connecting fails (see the issues)"),
             )
         else:
             probe_result = run_probe(alias, progress=progress)
-    verdict, hint = _verdict(issues, kind == "unreachable", probe_result, failed=error is not None)
+    failed = error is not None and kind != "not_checked"
+    verdict, hint = _verdict(issues, kind == "unreachable", probe_result, failed=failed)
     socket = checks.socket_path(sd)
     host = str(sd.get("HOST") or "") or None
     if host is not None and host.startswith("/"):

@@ -100,6 +100,14 @@ _ADVICE = {
     "aborted": "Check the server's error log (aborted connections).",
     "interrupted": "Open a new connection (the next statement outside a transaction does).",
     "fork": "Open transactions in the process that uses them; fork outside atomic blocks.",
+    "read_only": (
+        "Point the alias's HOST at the primary through something that follows failovers "
+        "(a virtual IP, a DNS name, a proxy): the guard reconnects through it."
+    ),
+    "not_ready": (
+        "Connect through a proxy or load balancer that routes around a node that is not "
+        "ready (HAProxy with a check of wsrep_ready): the guard reconnects through it."
+    ),
 }
 
 
@@ -177,6 +185,14 @@ def explain(
             "connection's protocol state is unknown"
         ),
         "fork": "the process was forked inside the transaction; the child cannot continue it",
+        "read_only": (
+            "the server refused the statement before running it because it is read-only "
+            "(a failover has made it a replica, or an administrator set read_only)"
+        ),
+        "not_ready": (
+            "the node refused the statement before running it: it is not ready for "
+            "application use (a Galera node outside the primary component)"
+        ),
     }.get(kind, f"the connection was lost ({kind})")
     advice = _ADVICE.get(kind, _ADVICE["lost"])
     if kind == "reset" and idle_s is not None and idle_s >= 1 and wait_s is None:

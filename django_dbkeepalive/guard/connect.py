@@ -1,11 +1,12 @@
-"""Opening a connection: the guard's state for it, and a second try when its setup was
-lost.
+"""Opening a connection: the guard's state for it, and connecting again through a short
+outage.
 
 Owns: what happens when Django opens a connection (``connection_created``: a new
-:class:`~.state.ConnectionState`, the server's limits read once, TCP keepalive, the
-and the ``connect()`` wrapper's rules:
-a session lost while its login or Django's setup statements ran is opened once more
-(nothing of the caller's was sent); an error that reaches the caller says what happened.
+:class:`~.state.ConnectionState`, the server's limits read once, TCP keepalive), and the
+``connect()`` wrapper's rules: a connect that cannot reach the server, or whose session
+died while its login or Django's setup statements ran, is tried again with a bounded
+backoff (nothing of the caller's was sent); an error that reaches the caller says what
+happened.
 Must never import: a concrete family, the wrappers, or anything above the guard.
 """
 
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 from ..conf import conf
 from . import fork, sockets
-from .causes import network_evidence
+from .causes import network_evidence, tls_failure
 from .disconnects import Disconnect
 from .families import classify, driver_of, family_of
 from .families.base import limit_for
@@ -35,6 +37,9 @@ logger = logging.getLogger("django_dbkeepalive")
 # connecting again is worth it. One lost later timed out waiting for the server, and
 # another try would only wait as long again.
 SETUP_RETRY_WITHIN = 1.0
+#: The backoff between connects while the server cannot be reached: doubling, capped.
+FIRST_DELAY = 0.05
+MAX_DELAY = 1.0
 
 
 #: Every wrapper the guard has given a state, in every thread (to remove it again).
@@ -106,44 +111,86 @@ def _drop_half_open(db: Any) -> None:
         conn.close()
 
 
-def _raise(db: Any, exc: Exception, found: Disconnect, *, twice: bool) -> NoReturn:
+def _raise(db: Any, exc: Exception, found: Disconnect, *, attempts: int, waited: float) -> NoReturn:
     state = state_for(db)
-    error = connect_error(
-        db, exc, found, state.why, failure_cause(db, state, found, exc), twice=twice
-    )
+    cause = failure_cause(db, state, found, exc)
+    error = connect_error(db, exc, found, state.why, cause, attempts=attempts, waited=waited)
     if error is None or error is exc:
         raise exc
     raise error.with_traceback(exc.__traceback__) from exc
 
 
+def _transient(found: Disconnect, exc: Exception, seconds: float) -> str | None:
+    """Why a failed connect may be tried again (nothing was sent either way):
+    ``"unreachable"`` (refused, or the server is starting or stopping), ``"setup"`` (the
+    server accepted it, then the session died at once: a KILL, a reset, a restart);
+    ``None`` when it would fail the same way (TLS, credentials) or waited out a timeout,
+    which another try would only wait again."""
+    if tls_failure(exc):
+        return None
+    if found.kind == "unreachable":
+        return "unreachable"
+    if (
+        found.kind in ("lost", "gone", "closed", "network")
+        and seconds < SETUP_RETRY_WITHIN
+        and network_evidence(exc) != "timeout"
+    ):
+        return "setup"
+    return None
+
+
 def connect(db: Any, original: Callable[[Any], Any]) -> Any:
-    """``connect()``: a setup lost right after the server accepted the connection (a
-    KILL, a reset) is tried once more; the error that reaches the caller has a note."""
-    for attempt in (1, 2):
+    """``connect()``, ridden through a short outage: a connect that cannot reach the
+    server, or whose session died while Django set it up, is tried again (at once the
+    first time a setup is lost, then with a backoff from 50 ms to 1 s) until
+    ``RETRY_CONNECT_FOR`` seconds after the first failure; never inside an atomic block.
+    The error that reaches the caller has a note saying what happened."""
+    window = 0.0 if db.in_atomic_block else conf.for_alias(db.alias).retry_connect_for
+    first_failure: float | None = None
+    delay = FIRST_DELAY
+    attempts = 0
+    setup_retried = False
+    while True:
+        attempts += 1
         started = now()
         try:
-            return original(db)
+            result = original(db)
         except Exception as exc:
             if db.connection is not None:
                 _drop_half_open(db)
             found = classify(exc)
-            if found is None or not family_of(db).retries_lost_setup:
+            if found is None:
                 raise
-            if attempt == 2:
-                _raise(db, exc, found, twice=True)
-            if (
-                found.kind == "unreachable"
-                or network_evidence(exc) == "timeout"
-                or now() - started >= SETUP_RETRY_WITHIN
-            ):
-                _raise(db, exc, found, twice=False)
-            # The server accepted the connection, then the session died during the login
-            # or Django's setup statements (a KILL, a reset): nothing of the caller's was
-            # sent, so connecting once more is safe.
+            first_failure = first_failure or started
+            why = _transient(found, exc, now() - started)
+            if why == "setup" and not setup_retried:
+                setup_retried = True
+                logger.info(
+                    "dbkeepalive: a new %r connection was lost while being set up (error "
+                    "%s); connecting again (nothing of the caller's was sent)",
+                    db.alias,
+                    found.code,
+                )
+                continue
+            remaining = first_failure + window - now()
+            if why is None or remaining <= 0:
+                _raise(db, exc, found, attempts=attempts, waited=now() - first_failure)
+            if attempts == 1 + setup_retried:
+                logger.info(
+                    "dbkeepalive: cannot connect to %r (error %s: %s); trying again for up to %gs",
+                    db.alias,
+                    found.code,
+                    "the server cannot be reached" if why == "unreachable" else "lost at login",
+                    window,
+                )
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, MAX_DELAY)
+            continue
+        if first_failure is not None:
             logger.info(
-                "dbkeepalive: a new %r connection was lost while being set up (error %s); "
-                "connecting again (nothing of the caller's was sent)",
+                "dbkeepalive: connected to %r after %d attempts in %.2fs",
                 db.alias,
-                found.code,
+                attempts,
+                now() - first_failure,
             )
-    raise AssertionError("unreachable")  # pragma: no cover
+        return result

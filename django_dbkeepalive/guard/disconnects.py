@@ -29,6 +29,9 @@ class Disconnect:
     retryable: bool
     #: PostgreSQL's SQLSTATE (``"57P01"`` ...), when the driver gave one.
     sqlstate: str | None = None
+    #: The connection itself still works (a node that refused a statement): it is
+    #: closed properly, so the server rolls its transaction back at once.
+    alive: bool = False
 
     @property
     def label(self) -> str:

@@ -20,6 +20,7 @@ from .disconnects import UNKNOWN_STATE
 from .families import classify
 from .families.base import Statement
 from .messages import lost_in_transaction, note_failure
+from .refusals import statement_refused
 from .rules import (
     close_connection,
     code_of,
@@ -62,7 +63,7 @@ def statement_failed(
     # An iterator of parameter rows was consumed by the first attempt: never re-run it.
     rerunnable = not many or isinstance(params, (list, tuple))
     retry = run if rerunnable and may_rerun(db, exc, sql, read_ok=not many) else None
-    return failed(db, cursor, exc, retry, statement)
+    return failed(db, cursor, exc, retry, statement, run if rerunnable else None)
 
 
 def _read_limit(db: Any) -> int | None:
@@ -93,12 +94,14 @@ def failed(
     exc: BaseException,
     retry: Callable[[], Any] | None,
     statement: Statement | None = None,
+    run: Callable[[], Any] | None = None,
 ) -> Any:
     """A statement failed. Re-raise, raise ``ConnectionLostInTransaction``, or re-run it.
 
     ``retry`` re-runs the statement; it is given only when running it again could not
-    write anything twice. ``statement`` is ``(sql, params, many)`` when known, for the
-    message only.
+    write anything twice. ``run`` runs it again whatever it is, for a statement a node
+    refused before running it (:mod:`.refusals`). ``statement`` is ``(sql, params,
+    many)`` when known, for the message only.
     """
     state: ConnectionState | None = getattr(db, "_dbkeepalive", None)
     if state is None or not state.on or not ours(db, state):
@@ -108,6 +111,9 @@ def failed(
         if state.family.watches_socket:
             mark_lost(db, UNKNOWN_STATE)
         raise exc
+    refused = state.family.refusal(db, state, exc)
+    if refused is not None:
+        return statement_refused(db, state, cursor, exc, refused, run)
     found = classify(exc)
     if found is None:
         raise exc

@@ -52,8 +52,10 @@ def lost_in_transaction(
     code: int | None = None,
     *,
     commit_unknown: bool = False,
+    refused: bool = False,
 ) -> ConnectionLostInTransaction:
-    """The error raised when ``db``'s connection was lost inside a transaction."""
+    """The error raised when ``db``'s connection was lost inside a transaction, or (with
+    ``refused``) points at a node that refused a statement of it."""
     if cause.kind == "fork":
         # The parent process still holds the session and its transaction: it may well
         # commit it. Redoing the work here would write it twice.
@@ -78,6 +80,17 @@ def lost_in_transaction(
     else:
         outcome = (
             "The server rolled the transaction back, so nothing this transaction wrote was saved."
+        )
+    if refused:
+        message = (
+            f"A statement of a transaction on database {db.alias!r} was refused: "
+            f"{cause.what}. The transaction was not committed, and nothing it wrote was "
+            "saved. django-dbkeepalive never reconnects inside a transaction: leave the "
+            "atomic block (its rollback closes this connection; the next statement uses a "
+            f"new one) and run the whole unit of work again. {cause.advice}"
+        )
+        return ConnectionLostInTransaction(
+            message, alias=db.alias, idle=idle, limit=state.limit, code=code, cause=cause.kind
         )
     advice = cause.advice
     if cause.kind == "idle_timeout":
@@ -157,17 +170,23 @@ def connect_error(
     previous: Cause | None,
     lost_cause: Cause,
     *,
-    twice: bool,
+    attempts: int,
+    waited: float,
 ) -> Exception | None:
     """``exc`` as the Django error the caller will see, with a note; ``None`` when it
     is not one that can be converted. ``previous``: why the wrapper's last connection
-    was lost; ``lost_cause``: why this one was; ``twice``: the setup was lost on a
-    second try."""
+    was lost; ``lost_cause``: why this one was; ``attempts``: how many connects were
+    tried, over ``waited`` seconds (``DBKEEPALIVE["RETRY_CONNECT_FOR"]``)."""
     error = as_django_error(db, exc)
     if error is None:
         return None
     db.errors_occurred = True
     before = "" if previous is None else f" Its previous connection was lost: {previous.what}."
+    tried = (
+        f" (tried {attempts} times over {waited:.1f}s: DBKEEPALIVE['RETRY_CONNECT_FOR'])"
+        if attempts > 1
+        else ""
+    )
     if found.kind == "unreachable" and tls_failure(exc):
         text = (
             f"django-dbkeepalive: could not connect to database {db.alias!r}: the TLS "
@@ -178,10 +197,10 @@ def connect_error(
     elif found.kind == "unreachable":
         unreachable = explain("unreachable")
         text = (
-            f"django-dbkeepalive: could not connect to database {db.alias!r}: "
+            f"django-dbkeepalive: could not connect to database {db.alias!r}{tried}: "
             f"{unreachable.what}.{before} Nothing was sent. {unreachable.advice}"
         )
-    elif not twice:
+    elif attempts == 1:
         # Not tried again: it took too long, so the server (or something in front of
         # it) accepted the connection but did not answer.
         text = (
@@ -192,11 +211,13 @@ def connect_error(
             "client's connect_timeout and read_timeout bound this wait."
         )
     else:
+        times = "twice" if attempts == 2 else f"{attempts} times"
         text = (
-            f"django-dbkeepalive: a new connection to database {db.alias!r} was lost twice "
-            "while it was being opened and set up, before any statement of yours was sent: "
-            f"{lost_cause.what} (behind a proxy or load balancer, a server that is down or "
-            f"restarting looks like this too).{before} Nothing was sent. {RETRY_LATER}"
+            f"django-dbkeepalive: a new connection to database {db.alias!r} was lost {times} "
+            f"while it was being opened and set up{tried if attempts > 2 else ''}, before "
+            f"any statement of yours was sent: {lost_cause.what} (behind a proxy or load "
+            "balancer, a server that is down or restarting looks like this too)."
+            f"{before} Nothing was sent. {RETRY_LATER}"
         )
     add_note(error, text)
     return error

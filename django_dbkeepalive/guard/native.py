@@ -164,6 +164,10 @@ class GuardedWrapperMixin(_WrapperBase):
         if state is OFF:
             return super().rollback()
         transactions.rolling_back(self, state)
-        result = super().rollback()
+        try:
+            result = super().rollback()
+        except Exception as exc:
+            transactions.rollback_failed(self, exc)
+            result = None
         transactions.transaction_ended(self, state_of(self) or state)
         return result

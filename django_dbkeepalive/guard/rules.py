@@ -89,8 +89,11 @@ def before(db: Any, cursor: Any = None, *, force: bool = False) -> None:
     in_tx = in_transaction(db)
     if state.lost is not None:
         if in_tx:
-            raise lost_in_transaction(db, state, state.why or explain(state.lost.kind), idle)
-        discard(db, "fork" if state.lost is FORK else "disconnected", idle)
+            raise lost_in_transaction(
+                db, state, state.why or explain(state.lost.kind), idle, refused=state.lost.alive
+            )
+        lost = state.lost
+        discard(db, "fork" if lost is FORK else lost.kind if lost.alive else "disconnected", idle)
     else:
         _check(db, state, idle, in_tx)
     current: ConnectionState = db._dbkeepalive
@@ -272,6 +275,7 @@ def discard(
     """Close the connection outside a transaction; the next statement reconnects.
     ``graceful``: the session is alive (``CONN_MAX_AGE``), say goodbye to it."""
     state: ConnectionState = db._dbkeepalive
+    graceful = graceful or (state.lost is not None and state.lost.alive)
     if not graceful and sockets.detach(state):
         state.family.dropped(db, fork=False)
     if not db.autocommit and not db.in_atomic_block:
@@ -293,7 +297,7 @@ def mark_lost(db: Any, disconnect: Disconnect, cause: Cause | None = None) -> No
     """The connection is dead: later operations fail at once instead of hanging, and
     the next statement replaces it (or raises, inside a transaction)."""
     state: ConnectionState = db._dbkeepalive
-    if sockets.detach(state):
+    if not disconnect.alive and sockets.detach(state):
         state.family.dropped(db, fork=False)
     state.lost = disconnect
     state.why = cause if cause is not None else explain(disconnect.kind)

@@ -26,6 +26,7 @@ __all__ = [
     "detach",
     "forget",
     "kernel_idle",
+    "local_address",
     "make_poller",
     "peek",
     "peek_head",
@@ -150,6 +151,22 @@ def socket_family(state: ConnectionState) -> int | None:
             return int(sock.family)
     except OSError:
         return None
+
+
+def local_address(state: ConnectionState) -> tuple[str, int] | None:
+    """``(ip, port)`` of the connection's own end, for a TCP socket (else ``None``): what
+    the server shows as the client's address when nothing sits in between."""
+    fd = verified_fd(state)
+    if fd is None:
+        return None
+    try:
+        with _socket_for(fd) as sock:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                return None
+            address = sock.getsockname()
+    except OSError:
+        return None
+    return str(address[0]), int(address[1])
 
 
 def kernel_idle(state: ConnectionState) -> float | None:

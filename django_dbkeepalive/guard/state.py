@@ -30,11 +30,16 @@ ATTRIBUTE = "_dbkeepalive"
 
 @dataclass(frozen=True)
 class Session:
-    """Which server session a connection was: its thread id, the server's ``server_id``
-    and when the session opened (monotonic clock)."""
+    """Who a server session was, so that anything sent later on its behalf (a ``KILL``)
+    provably reaches that very session and never a stranger's: its thread id (unique
+    only within one server instance's lifetime), the server instance (MariaDB's
+    ``server_uid``, MySQL's ``server_uuid``: ``server_id`` is not unique, most servers
+    leave it at 1), the client's own TCP address (``None`` over a Unix socket) and when
+    it opened (monotonic clock)."""
 
     thread_id: int
-    server_id: int | None
+    instance: str | None
+    local: tuple[str, int] | None
     opened: float
 
 

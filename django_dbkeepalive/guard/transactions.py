@@ -22,7 +22,14 @@ from .messages import lost_in_transaction
 from .rules import before, code_of, discard, failure_cause, in_transaction, mark_lost, ours
 from .state import INF, ConnectionState, now
 
-__all__ = ["before_commit", "commit_failed", "leaving_manual", "rolling_back", "set_autocommit"]
+__all__ = [
+    "before_commit",
+    "commit_failed",
+    "leaving_manual",
+    "rollback_failed",
+    "rolling_back",
+    "set_autocommit",
+]
 
 SetAutocommit = Callable[..., Any]
 
@@ -166,6 +173,11 @@ def commit_failed(db: Any, exc: Exception) -> None:
     """``COMMIT`` failed: a lost connection raises ``ConnectionLostInTransaction`` saying
     whether it is known rolled back (never sent) or unknown (the reply was lost)."""
     state: ConnectionState = db._dbkeepalive
+    refused = state.family.refusal(db, state, exc) if state.on else None
+    if refused is not None:
+        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else 0
+        mark_lost(db, Disconnect(code, refused.kind, True, True, alive=True), refused)
+        raise lost_in_transaction(db, state, refused, -INF, code, refused=True) from exc
     found = classify(exc)
     if found is None or not state.on or db.connection is None:
         raise exc
@@ -178,11 +190,23 @@ def commit_failed(db: Any, exc: Exception) -> None:
 
 def rolling_back(db: Any, state: ConnectionState) -> None:
     """Before ``ROLLBACK``: a connection known lost is dropped, not waited on (the server
-    rolled back when it died)."""
+    rolled back when it died); one on a node that refused a statement is closed
+    properly (the server rolls back as it closes)."""
     if state.lost is not None and not db.in_atomic_block and state.on:
-        discard(db, "disconnected", 0.0)
+        discard(db, state.lost.kind if state.lost.alive else "disconnected", 0.0)
     elif now() > state.due and not db.in_atomic_block:
         try:
             before(db)
         except ConnectionLostInTransaction:
             discard(db, "disconnected", 0.0)
+
+
+def rollback_failed(db: Any, exc: Exception) -> None:
+    """``ROLLBACK`` failed. A node that refuses it (a Galera node outside the primary
+    component refuses even that) still rolls back when the connection closes: close it
+    properly, quietly; the next statement gets a new connection. Anything else raises."""
+    state = db._dbkeepalive
+    refused = state.family.refusal(db, state, exc) if state.on else None
+    if refused is None or db.in_atomic_block:
+        raise exc
+    discard(db, refused.kind, 0.0, graceful=True, cause=refused)

@@ -190,7 +190,11 @@ def _wrap_rollback(original: Callable[..., Any]) -> Callable[..., Any]:
         if state is None:
             return original(self)
         transactions.rolling_back(self, state)
-        result = original(self)
+        try:
+            result = original(self)
+        except Exception as exc:
+            transactions.rollback_failed(self, exc)
+            result = None
         transactions.transaction_ended(self, self._dbkeepalive)
         return result
 

@@ -61,6 +61,13 @@ class Driver:
         """The server's id of the session (MySQL's thread id), or ``None``."""
         return None
 
+    def server_version(self, conn: Any) -> str:
+        """The server's version string from the handshake (no round trip), or ``""``."""
+        try:
+            return str(conn.get_server_info())
+        except Exception:
+            return ""
+
     def connection_params(self, params: dict[str, Any], alias: str) -> dict[str, Any]:
         """The keyword arguments Django passes to the driver's ``connect()``, adjusted."""
         return params
@@ -89,8 +96,6 @@ class Family:
     can_ping = False
     #: How many bytes of an unsolicited message tell what it is.
     peek_size = 0
-    #: A connection lost while its login or setup ran is opened once more.
-    retries_lost_setup = False
     #: The code of a connection found closed before anything was sent on it.
     gone_code = -1
 
@@ -179,6 +184,17 @@ class Family:
 
     def ping(self, db: Any, state: ConnectionState) -> None:
         """Ask the server whether the session is alive; raises if it is not."""
+
+    def refusal(self, db: Any, state: ConnectionState, exc: BaseException) -> Cause | None:
+        """When ``exc`` is the server refusing a statement before running it because of
+        what this node is now (read-only after a failover, a cluster node not ready),
+        why (kind ``"read_only"`` or ``"not_ready"``); else ``None``. May ask the server
+        (one round trip, on that error only)."""
+        return None
+
+    def node_state(self, db: Any) -> str:
+        """What the node of ``db``'s connection says about its role, for a message."""
+        return ""
 
     def end_zombie(self, db: Any, state: ConnectionState) -> None:
         """End, from a new connection, a lost session the server may still hold open."""

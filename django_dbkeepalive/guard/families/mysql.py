@@ -1,146 +1,43 @@
 """MySQL and MariaDB, with every driver of :mod:`.mysql_drivers`.
 
-Owns: the error codes that mean a lost connection (never the text: libmariadb says
-"Server has gone away" where libmysqlclient and PyMySQL say "MySQL server has gone
-away"), the session's ``wait_timeout`` and ``max_allowed_packet`` read as a connection
-opens, what an unsolicited packet on an idle socket says (error 4031, 1927...), the
-ping, ending a zombie session, statements refused for their size, and the two patches
-of Django's MySQL backend (client timeouts, a ping that never reconnects).
+Owns: the family's answers to the rules (built on :mod:`.mysql_codes` and
+:mod:`.mysql_session`): the session's limits read as a connection opens, what an
+unsolicited packet on an idle socket says (error 4031, 1927...), the ping, a node that
+refuses statements (read-only, Galera not ready), ending a zombie session, statements
+refused for their size, and the two patches of Django's MySQL backend (client timeouts,
+a ping that never reconnects).
 Must never import: the rules or the wrappers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from ...conf import conf
 from ..causes import Cause, explain
 from ..disconnects import Disconnect
-from ..state import INF, ConnectionState, Session, now
+from ..state import INF, ConnectionState
 from .base import Driver, Family, Statement, limit_for
+from .mysql_codes import CLOSED_BY, DISCONNECT_CODES, classify_code, refusal_of
 from .mysql_drivers import DRIVERS
+from .mysql_session import (
+    end_zombie,
+    new_session,
+    node_state,
+    read_only_node,
+    read_session,
+    statement_size,
+    too_large_cause,
+)
 
 __all__ = ["DISCONNECT_CODES", "MYSQL", "MySQLFamily"]
 
 logger = logging.getLogger("django_dbkeepalive")
 
-# Codes whose statement cannot have been executed: the client failed to send it, the
-# connection was already closed on this side, or the server told us it had closed the
-# session before reading it.
-_NOT_SENT = {
-    2002: "unreachable",  # CR_CONNECTION_ERROR (socket)
-    2003: "unreachable",  # CR_CONN_HOST_ERROR
-    2006: "gone",  # CR_SERVER_GONE_ERROR: the write failed or the link is closed
-    3032: "offline",  # ER_SERVER_OFFLINE_MODE
-    4031: "idle_timeout",  # ER_CLIENT_INTERACTION_TIMEOUT (MySQL 8.0.24+)
-}
-# Codes after which the connection is dead but the statement may have run.
-_AMBIGUOUS = {
-    1053: "shutdown",  # ER_SERVER_SHUTDOWN
-    1152: "aborted",  # ER_ABORTING_CONNECTION
-    1158: "network",  # ER_NET_READ_ERROR
-    1159: "network",  # ER_NET_READ_INTERRUPTED (net_read_timeout)
-    1160: "network",  # ER_NET_ERROR_ON_WRITE
-    1161: "network",  # ER_NET_WRITE_INTERRUPTED (net_write_timeout)
-    1184: "aborted",  # ER_NEW_ABORTING_CONNECTION
-    1927: "killed",  # ER_CONNECTION_KILLED (MariaDB)
-    2013: "lost",  # CR_SERVER_LOST
-    2055: "lost",  # CR_SERVER_LOST_EXTENDED
-    3169: "killed",  # ER_SESSION_WAS_KILLED (MySQL 8)
-}
-# The server closes the connection after a packet over max_allowed_packet. The statement
-# did not run, but running it again would fail the same way.
-_TOO_LARGE = {1153: "too_large", 2020: "too_large"}
-# An unsolicited error packet on an idle socket: the server's reason for closing.
-_CLOSED_BY = {1927: "killed", 3169: "killed", 1053: "shutdown", 4031: "idle_timeout"}
-
-#: Every MySQL error code treated as a lost connection.
-DISCONNECT_CODES = frozenset({*_NOT_SENT, *_AMBIGUOUS, *_TOO_LARGE})
-
-# A lost session the server may still hold open: the network went silent (a read
-# timeout, a flow a NAT or firewall dropped, keepalive probes unanswered), so the server
-# saw no close. Its transaction keeps its row locks until the server's wait_timeout
-# (8 hours by default), and other statements wait on them.
-ZOMBIE_KINDS = ("timeout", "dead_peer")
 # The smallest max_allowed_packet a server accepts: a shorter statement always fits.
 _MIN_MAX_ALLOWED_PACKET = 1024
-
-
-def _code_of(exc: BaseException) -> int | None:
-    args = getattr(exc, "args", ())
-    if args and isinstance(args[0], int) and not isinstance(args[0], bool):
-        return args[0]
-    return None
-
-
-def _read_session(conn: Any) -> tuple[float, int | None, int | None]:
-    """``wait_timeout``, ``max_allowed_packet`` and ``server_id``, in one round trip."""
-    cursor = conn.cursor()
-    try:
-        cursor.execute(
-            "SELECT @@SESSION.wait_timeout, @@SESSION.max_allowed_packet, @@GLOBAL.server_id"
-        )
-        row = cursor.fetchone()
-    finally:
-        cursor.close()
-    return (
-        float(row[0]),
-        None if row[1] is None else int(row[1]),
-        None if row[2] is None else int(row[2]),
-    )
-
-
-def read_max_allowed_packet(conn: Any) -> int:
-    """The session's ``max_allowed_packet`` (one round trip)."""
-    cursor = conn.cursor()
-    try:
-        cursor.execute("SELECT @@SESSION.max_allowed_packet")
-        row = cursor.fetchone()
-    finally:
-        cursor.close()
-    return int(row[0])
-
-
-def statement_size(statement: Statement | None) -> int | None:
-    """At least how many bytes the statement took on the wire (SQL plus the parameters'
-    text; escaping only adds to it), or ``None``. Only sizes, never the values."""
-    if statement is None:
-        return None
-    sql, params, many = statement
-    try:
-        size = len(sql.encode("utf-8") if isinstance(sql, str) else sql)
-        rows = params if many else [params]
-        if not isinstance(rows, (list, tuple)):
-            return None  # an iterator the driver has consumed
-        for row in rows:
-            if row is None:
-                continue
-            values = row.values() if isinstance(row, Mapping) else row
-            for value in values:
-                if isinstance(value, (bytes, bytearray, memoryview)):
-                    size += len(value)
-                else:
-                    size += len(str(value).encode("utf-8"))
-        return size - (2 * sql.count("%s") if isinstance(sql, str) else 0)
-    except Exception:
-        return None
-
-
-def too_large_cause(size: int | None, limit: int | None) -> Cause:
-    sizes = f"{size:,} bytes or more" if size is not None else "size not known"
-    limit_text = f"{limit:,} bytes" if limit is not None else "not known here"
-    return Cause(
-        "too_large",
-        f"the statement ({sizes}) is larger than the server's max_allowed_packet "
-        f"({limit_text}). This is not a lost connection: the server refused the statement "
-        "for its size (it was not applied) and then closed the connection",
-        "Raise max_allowed_packet on the server (SET GLOBAL max_allowed_packet = ..., and "
-        "in its configuration file), or send smaller statements (bulk_create(..., "
-        "batch_size=...), smaller blobs).",
-    )
 
 
 class MySQLFamily(Family):
@@ -153,51 +50,35 @@ class MySQLFamily(Family):
     watches_socket = True
     can_ping = True
     peek_size = 7  # 3-byte length, sequence number, 0xFF, a 2-byte error code
-    retries_lost_setup = True
     gone_code = 2006
 
     def classify(self, exc: BaseException) -> Disconnect | None:
-        code = _code_of(exc)
-        if code is None:
-            return None
-        if code == 0:
-            # PyMySQL's InterfaceError(0, ''): its connection is already closed.
-            if type(exc).__name__ == "InterfaceError":
-                return Disconnect(0, "closed", not_sent=True, retryable=True)
-            return None
-        if code in _NOT_SENT:
-            return Disconnect(code, _NOT_SENT[code], not_sent=True, retryable=True)
-        if code in _AMBIGUOUS:
-            return Disconnect(code, _AMBIGUOUS[code], not_sent=False, retryable=True)
-        if code in _TOO_LARGE:
-            return Disconnect(code, _TOO_LARGE[code], not_sent=True, retryable=False)
-        return None
+        return classify_code(exc)
 
     # --------------------------------------------------------- server limits
 
     def opened(self, db: Any, state: ConnectionState) -> None:
-        """Read the session's ``wait_timeout`` (and ``max_allowed_packet``) as the
-        connection opens, one round trip, so the idle limit is known before the first
-        pause: after it, a flow a NAT or firewall dropped silently would not answer the
-        question, and a server-side close could not be told from a KILL."""
-        server_id = self._read_limits(db, state)
-        with contextlib.suppress(Exception):
-            thread_id = state.driver.thread_id(db.connection)
-            if thread_id is not None:
-                state.session = Session(thread_id, server_id, now())
+        """Read the session's ``wait_timeout`` (and ``max_allowed_packet``, and the
+        server instance's id) as the connection opens, one round trip, so the idle
+        limit is known before the first pause: after it, a flow a NAT or firewall dropped
+        silently would not answer the question, and a server-side close could not be
+        told from a KILL."""
+        instance = self._read_limits(db, state)
+        state.session = new_session(db, state, instance)
         if state.zombie is not None:
             self.end_zombie(db, state)
 
-    def _read_limits(self, db: Any, state: ConnectionState) -> int | None:
+    def _read_limits(self, db: Any, state: ConnectionState) -> str | None:
         assert state.cfg is not None
-        server_id = None
+        instance = None
         try:
-            state.wait, state.max_packet, server_id = _read_session(db.connection)
+            version = state.driver.server_version(db.connection)
+            state.wait, state.max_packet, instance = read_session(db.connection, version)
         except Exception as exc:
             self.limits_unreadable(db, exc)
             state.wait = INF
         state.limit = limit_for(state.wait, state.cfg.margin)
-        return server_id
+        return instance
 
     def may_learn_late(self, state: ConnectionState, in_transaction: bool) -> bool:
         return True
@@ -226,7 +107,7 @@ class MySQLFamily(Family):
     def closed_cause(self, state: ConnectionState, what: str, head: bytes, idle: float) -> Cause:
         if what == "data" and len(head) >= 7 and head[4] == 0xFF:
             code = int.from_bytes(head[5:7], "little")
-            return explain(_CLOSED_BY.get(code, "gone"), idle=idle, wait=state.wait)
+            return explain(CLOSED_BY.get(code, "gone"), idle=idle, wait=state.wait)
         return super().closed_cause(state, what, head, idle)
 
     # ------------------------------------------------------------ the server
@@ -234,46 +115,46 @@ class MySQLFamily(Family):
     def ping(self, db: Any, state: ConnectionState) -> None:
         state.driver.ping(db.connection)
 
-    def end_zombie(self, db: Any, state: ConnectionState) -> None:
-        """KILL the previous session of this wrapper from its new connection, when it is
-        provably the same server instance (same ``server_id``, up since before that
-        session opened): a thread id is only unique within one server's lifetime."""
-        zombie, state.zombie = state.zombie, None
-        current = state.session
-        if zombie is None or current is None:
-            return
-        if current.server_id is None or zombie.server_id != current.server_id:
-            return
-        try:
-            cursor = db.connection.cursor()
+    def refusal(self, db: Any, state: ConnectionState, exc: BaseException) -> Cause | None:
+        """Read-only (1290 ``--read-only``, 1836; 1792 only when the node itself is
+        read-only, not when the application asked for a read-only transaction, which the
+        server is asked) or a Galera node not ready (1047 "WSREP has not yet prepared
+        node"): the statement never ran, and this node cannot run it."""
+        found = refusal_of(exc)
+        if found is None:
+            return None
+        code, kind = found
+        if kind == "read_only_transaction":
             try:
-                cursor.execute(
-                    "SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS "
-                    "WHERE VARIABLE_NAME = 'UPTIME'"
-                )
-                row = cursor.fetchone()
-                # Uptime is whole seconds, rounded down: up at least as long as the old
-                # session has existed proves no restart since it opened.
-                if row is None or float(row[0]) < now() - zombie.opened + 0.1:
-                    logger.debug(
-                        "dbkeepalive: previous session %d not killed: the server restarted since",
-                        zombie.thread_id,
-                    )
-                    return  # restarted since: that id may be someone else's now
-                cursor.execute(f"KILL {int(zombie.thread_id):d}")
-            finally:
-                cursor.close()
+                version = state.driver.server_version(db.connection)
+                if not read_only_node(db.connection, version):
+                    return None  # the application's own read-only transaction
+            except Exception:
+                return None
+            kind = "read_only"
+        del code  # in the error itself
+        return explain(kind)
+
+    def node_state(self, db: Any) -> str:
+        return node_state(db.connection) if db.connection is not None else ""
+
+    def end_zombie(self, db: Any, state: ConnectionState) -> None:
+        thread_id = state.zombie.thread_id if state.zombie is not None else None
+        try:
+            why_not = end_zombie(db, state, state.driver.server_version(db.connection))
         except Exception as exc:
             if self.classify_chain(exc) is not None:
                 raise  # the new connection is lost too: connect() handles that
             # 1094: it is gone already; 1095: not ours to kill. Nothing to do either way.
-            logger.debug("dbkeepalive: previous session %d not killed (%s)", zombie.thread_id, exc)
+            why_not = str(exc)
+        if why_not is not None:
+            logger.debug("dbkeepalive: previous session %s not killed: %s", thread_id, why_not)
             return
         logger.info(
             "dbkeepalive: killed the %r connection's previous session %d, which the server "
             "still held after the network went silent (its transaction's locks are released)",
             db.alias,
-            zombie.thread_id,
+            thread_id,
         )
 
     def size_refusal(

@@ -62,7 +62,19 @@ _CANNOT_CONNECT = {
     "sql": "CONNECTION SETUP FAILED",
     "configuration": "SETTINGS ERROR",
     "backend": "BACKEND CANNOT BE LOADED",
+    "not_checked": "NOT CHECKED",
 }
+
+
+def _role(server: dict[str, Any]) -> str:
+    """The node's role: read-only or writable, and a Galera node's state."""
+    role = "read-only (read_only=ON)" if server.get("read_only") else "writable (read_only=OFF)"
+    if server.get("wsrep_ready") is not None:
+        role += (
+            f"; Galera: wsrep_ready={server['wsrep_ready']}, cluster "
+            f"{server.get('wsrep_cluster_status')}, {server.get('wsrep_local_state')}"
+        )
+    return role
 
 
 def _conn_max_age(value: Any) -> str:
@@ -188,6 +200,7 @@ class Command(BaseCommand):
                 ("net_read_timeout", _secs(server["net_read_timeout"])),
                 ("net_write_timeout", _secs(server["net_write_timeout"])),
                 ("max_allowed_packet", _bytes(server["max_allowed_packet"])),
+                ("role", _role(server)),
             ]
         if db.mysql:
             for name in ("connect_timeout", "read_timeout", "write_timeout"):
