@@ -12,7 +12,7 @@ APT_PACKAGES := mariadb-server libmariadb-dev pkg-config
 # mariadbd lives in /usr/sbin, often not on a normal user's PATH.
 export PATH := $(PATH):/usr/sbin:/usr/local/sbin
 
-.PHONY: help deps venv test ha demo bench soak lint docs matrix clean
+.PHONY: help deps venv test ha demo bench soak lint docs matrix corners clean
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-7s %s\n", $$1, $$2}'
@@ -105,6 +105,17 @@ PYENV_BINS := $(subst $(eval) ,:,$(wildcard $(HOME)/.pyenv/versions/3.1[0-3]*/bi
 matrix: venv ## the tox matrix: Django 4.2-6.1 x Python 3.10-3.13 x both drivers
 	$(PY) -m pip install -q "tox>=4.11"
 	PATH="$(PYENV_BINS):$$PATH" $(VENV)/bin/tox run-parallel --parallel 2 --parallel-no-spinner $(TOX_ARGS)
+
+# The corners of the matrix, run by .ci/run: the oldest and the newest Python x Django,
+# and the lowest versions promised, each with each driver.
+CORNERS := py310-django42-mysqlclient,py310-django42-pymysql,py313-django61-mysqlclient,py313-django61-pymysql,py310-minimum-mysqlclient,py310-minimum-pymysql
+
+corners: venv ## the matrix's corners: oldest and newest Python x Django, lowest versions
+	@for v in 3.10 3.13; do PATH="$(PYENV_BINS):$$PATH" command -v python$$v >/dev/null || { \
+	  echo "python$$v is missing: the corners need Python 3.10 and 3.13 on PATH" \
+	    "(e.g. pyenv install 3.10 3.13, or Debian/deadsnakes packages python3.10, python3.13)"; \
+	  exit 1; }; done
+	@$(MAKE) --no-print-directory matrix TOX_ARGS="-e $(CORNERS) $(TOX_ARGS)"
 
 lint: venv ## ruff and mypy
 	$(VENV)/bin/ruff check .

@@ -330,7 +330,7 @@ def test_assert_recycles_refuses_a_bare_string_or_an_unknown_reason():
             pass
     assert str(caught.value) == (
         "django-dbkeepalive: unknown recycle reason(s) 'idel'; the reasons are 'idle', "
-        "'max_age', 'ping_failed', 'disconnected', 'fork'."
+        "'max_age', 'ping_failed', 'disconnected', 'fork', 'read_only', 'not_ready'."
     )
     with pytest.raises(TypeError, match="count must be an int"):
         with assert_recycles("1"):  # type: ignore[arg-type]
