@@ -228,10 +228,19 @@ def toolbar(order: str, setup: Callable[[], Any]) -> dict[str, Any]:
         finally:
             panel.disable_instrumentation()
         panel.generate_stats(request, response)
-        queries.extend(
-            {key: query[key] for key in ("alias", "vendor", "raw_sql", "sql", "params")}
-            for query in panel.get_stats()["queries"]
-        )
+        for query in panel.get_stats()["queries"]:
+            params = query["params"]
+            # Before 4.4 the panel kept the parameters as JSON text and the statement
+            # as formatted HTML; compare the statement as sent, and the parameters.
+            queries.append(
+                {
+                    "alias": query["alias"],
+                    "vendor": query["vendor"],
+                    "raw_sql": query["raw_sql"],
+                    "sql": query["sql"] if "<" not in query["sql"] else query["raw_sql"],
+                    "params": json.loads(params) if isinstance(params, str) else params,
+                }
+            )
 
     return run(sql_panel, db)
 
