@@ -3,6 +3,7 @@ and patching that never takes another library's patch away."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -13,13 +14,21 @@ from typing import Any
 
 import pytest
 from django.core import checks as django_checks
-from django.db import connection, connections
+from django.db import (
+    IntegrityError,
+    ProgrammingError,
+    connection,
+    connections,
+    transaction,
+)
 from django.db.backends.utils import CursorWrapper
 from django.test import override_settings
 
 from django_dbkeepalive import guard
 from django_dbkeepalive.checks import check_configuration
+from django_dbkeepalive.guard import wrappers
 from django_dbkeepalive.testing import kill_connection, record_recycles
+from testproject.testapp.models import Item
 
 from .conftest import close_connections, extra_alias
 
@@ -188,3 +197,93 @@ def test_uninstall_keeps_a_patch_made_after_the_guard_and_install_reuses_it(serv
         CursorWrapper.execute = guarded  # type: ignore[method-assign]
         if not guard.is_installed():
             guard.install()
+
+
+def _traced(method: Any, seen: list[str], name: str = "execute") -> Any:
+    """A tracing library's wrapper of ``method`` (as Sentry's: ``functools.wraps``)."""
+
+    @functools.wraps(method)
+    def traced(self: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(name)
+        return method(self, *args, **kwargs)
+
+    return traced
+
+
+@override_settings(DBKEEPALIVE={"PEEK_AFTER": 1000})
+def test_the_guard_over_another_librarys_execute_reruns_a_read_and_sends_a_write_once(server, raw):
+    seen: list[str] = []
+    guard.uninstall()
+    djangos = CursorWrapper.execute
+    CursorWrapper.execute = _traced(djangos, seen)  # type: ignore[method-assign]
+    try:
+        guard.install()  # calls through the tracing wrapper, not Django's own body
+        assert not wrappers.is_djangos_own(CursorWrapper.execute.__wrapped__)
+        close_connections()
+        Item.objects.create(key="a")
+        kill_connection(notice=False)  # the read below meets the dead session
+        assert Item.objects.count() == 1  # re-run once on a new connection
+        kill_connection()
+        Item.objects.create(key="b")  # the guard replaced the connection first
+        assert sorted(key for (key,) in raw("SELECT `key` FROM testapp_item")) == ["a", "b"]
+        assert seen.count("execute") >= 4  # every statement went through the library
+    finally:
+        guard.uninstall()
+        CursorWrapper.execute = djangos  # type: ignore[method-assign]
+        guard.install()
+        close_connections()
+
+
+def test_uninstalled_under_another_librarys_wrappers_the_guard_passes_every_call_through(
+    server, raw
+):
+    # The guard's replacements stay under the library's wrappers, and only pass through.
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+    methods = [
+        (CursorWrapper, name) for name in ("execute", "executemany", "callproc", "close")
+    ] + [
+        (BaseDatabaseWrapper, name) for name in ("connect", "set_autocommit", "commit", "rollback")
+    ]
+    guards = {(cls, name): cls.__dict__[name] for cls, name in methods}
+    seen: list[str] = []
+    raw("DROP PROCEDURE IF EXISTS dbk_pause")
+    raw("CREATE PROCEDURE dbk_pause(IN pause DOUBLE) BEGIN SELECT 1; DO SLEEP(pause); END")
+    for cls, name in methods:
+        setattr(cls, name, _traced(guards[cls, name], seen, name))
+    try:
+        guard.uninstall()
+        close_connections()
+        with transaction.atomic():
+            Item.objects.create(key="committed")
+        with pytest.raises(ValueError), transaction.atomic():
+            Item.objects.create(key="rolled-back")
+            raise ValueError
+        with connection.cursor() as cursor:
+            with pytest.raises(ProgrammingError) as caught:
+                cursor.execute("SELEC 1")
+            assert not getattr(caught.value, "__notes__", None)  # untouched by the guard
+            with pytest.raises(IntegrityError):
+                cursor.executemany(
+                    "INSERT INTO testapp_item (`key`, value, created) VALUES (%s, 0, NOW())",
+                    [["committed"]],
+                )
+        cursor = connection.cursor()
+        cursor.callproc("dbk_pause", [30])  # its final status is still to come
+        server.kill(int(connection.connection.thread_id()))
+        with pytest.raises(Exception) as closing:
+            cursor.close()  # the driver's error, as without the guard
+        assert closing.value.args[0] == 2013
+        # Nothing replaces the dead connection: PyMySQL says InterfaceError(0, ''), and
+        # mysqlclient's raw error escapes from the ORM's cursor.close() in its cleanup.
+        with pytest.raises(Exception) as dead:
+            Item.objects.count()
+        assert dead.value.args[0] in (0, 2006, 2013)
+        assert raw("SELECT `key` FROM testapp_item") == [("committed",)]
+        assert {name for _, name in methods} <= set(seen)
+    finally:
+        for cls, name in methods:
+            setattr(cls, name, guards[cls, name])
+        close_connections()  # dead: install() would read its limits (and fail)
+        guard.install()
+        raw("DROP PROCEDURE IF EXISTS dbk_pause")

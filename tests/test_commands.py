@@ -49,6 +49,13 @@ def aborted_clients(server: Any) -> int:
     return int(server.query("SHOW GLOBAL STATUS LIKE 'Aborted_clients'")[0][1])
 
 
+def _default_sigint() -> None:
+    # A shell without job control starts background commands with SIGINT ignored, and
+    # an ignored SIGINT is inherited: Python then installs no KeyboardInterrupt handler.
+    # A terminal's Ctrl-C reaches a command with the default one: so must the tests'.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def manage(*args: str, driver: str) -> subprocess.Popen[str]:
     env = {**os.environ, "DBK_DRIVER": driver, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
@@ -57,6 +64,7 @@ def manage(*args: str, driver: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,
     )
 
 

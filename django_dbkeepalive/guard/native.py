@@ -155,7 +155,6 @@ class GuardedWrapperMixin(_WrapperBase):
             result = super().commit()
         except Exception as exc:
             transactions.commit_failed(self, exc)
-            raise
         transactions.transaction_ended(self, state_of(self) or state)
         return result
 

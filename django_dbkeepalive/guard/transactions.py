@@ -11,7 +11,7 @@ Must never import: a concrete family, the wrappers, or anything above the guard.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from ..errors import ConnectionLostInTransaction
 from .causes import explain
@@ -169,7 +169,7 @@ def before_commit(db: Any, state: ConnectionState) -> None:
         before(db)
 
 
-def commit_failed(db: Any, exc: Exception) -> None:
+def commit_failed(db: Any, exc: Exception) -> NoReturn:
     """``COMMIT`` failed: a lost connection raises ``ConnectionLostInTransaction`` saying
     whether it is known rolled back (never sent) or unknown (the reply was lost)."""
     state: ConnectionState = db._dbkeepalive

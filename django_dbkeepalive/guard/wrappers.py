@@ -25,10 +25,10 @@ from . import connect as connecting
 from . import transactions
 from .failures import failed, statement_failed
 from .families import classify
-from .rules import before, mark_lost, ours
+from .rules import before, cursor_owner, mark_lost, ours
 from .state import ATTRIBUTE, OFF, now, state_of
 
-__all__ = ["CLASS_PATCHES", "is_djangos_own"]
+__all__ = ["BACKEND_WRAPS", "CLASS_PATCHES", "is_djangos_own"]
 
 Wrap = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -177,7 +177,6 @@ def _wrap_commit(original: Callable[..., Any]) -> Callable[..., Any]:
             result = original(self)
         except Exception as exc:
             transactions.commit_failed(self, exc)
-            raise
         transactions.transaction_ended(self, self._dbkeepalive)
         return result
 
@@ -210,6 +209,40 @@ def _wrap_connect(original: Callable[..., Any]) -> Callable[..., Any]:
     return connect
 
 
+def _wrap_create_cursor(original: Callable[..., Any]) -> Callable[..., Any]:
+    """A backend whose driver's ``cursor()`` asks the server first (a round trip) fails
+    there, before any statement, on a connection the server closed: nothing was sent,
+    so outside a transaction the guard replaces the connection and makes the cursor on
+    the new one; inside one, the transaction is lost (``ConnectionLostInTransaction``)."""
+
+    def create_cursor(self: Any, name: Any = None) -> Any:
+        state = state_of(self)
+        # The statement's own check, before the driver's round trip: a connection idle
+        # past its limit, or closed by the server, is replaced first.
+        if (
+            state is not None
+            and ours(self, state)
+            and state.on
+            and (now() > state.due or ((poll := state.poll) is not None and poll(0)))
+        ):
+            before(self)
+            if self.connection is None:
+                self.ensure_connection()
+        try:
+            return original(self, name)
+        except Exception as exc:
+            state = state_of(self)
+            if state is None or not state.on or not ours(self, state):
+                raise
+            return failed(self, None, exc, lambda: original(self, name))
+
+    return create_cursor
+
+
+#: The methods a family may ask to be wrapped on its own backends' classes
+#: (:meth:`~.families.base.Family.guarded_methods`), by name.
+BACKEND_WRAPS: dict[str, Wrap] = {"create_cursor": _wrap_create_cursor}
+
 #: Whether the guard is installed: ``[True]`` between install() and uninstall().
 ACTIVE = [False]
 #: Whether it is installed by patching Django's classes (``DBKEEPALIVE["PATCH"]``).
@@ -223,13 +256,15 @@ def cursor_close(self: Any) -> Any:
     wrote) would otherwise raise the driver's raw 2006 from mysqlclient's close, after
     all the work succeeded: closing a cursor of a dead connection has nothing to save."""
     inner = self.cursor
-    owner = getattr(getattr(inner, "cursor", inner), "connection", None)
+    db = self.db
+    owner = cursor_owner(self, db)
     try:
         return inner.close()
     except Exception as exc:
-        db = self.db
         state = state_of(db)
         found = classify(exc)
+        if found is None and owner is None and isinstance(exc, ReferenceError):
+            return None  # the driver cursor's connection (a weak proxy) no longer exists
         if found is None or state is None:
             raise
         if owner is not None and owner is db.connection and ours(db, state):
