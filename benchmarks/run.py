@@ -1,7 +1,9 @@
 """``make bench``: django-dbkeepalive against plain Django, in one run, on a private server.
 
 Alternating rounds; each (mode, case) runs in its own process. Prints a table and writes
-``benchmarks/results/latest.json``. Modes: ``plain`` (Django alone), ``app`` (with
+``benchmarks/results/latest.json``; then runs ``recovery.py`` (recovery after a KILL, a
+restart, N threads at once: ``benchmarks/results/recovery.json``), the Celery count and
+the instruction counts. Modes: ``plain`` (Django alone), ``app`` (with
 django-dbkeepalive), ``health`` (plain Django with ``CONN_HEALTH_CHECKS=True``).
 
     python benchmarks/run.py [--rounds 5] [--drivers mysqlclient,pymysql] [--no-callgrind]
@@ -160,6 +162,11 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwritten: {args.json.relative_to(ROOT)}")
+
+    print("\nrecovery: KILL, restart, N threads at once (benchmarks/recovery.py):", flush=True)
+    # Connector/Python too, when installed (recovery.py skips a driver that is not).
+    every = args.drivers if "connector" in drivers else f"{args.drivers},connector"
+    subprocess.run([sys.executable, str(HERE / "recovery.py"), "--drivers", every], check=True)
 
     print("\nconnects per 1,000 Celery tasks (prefork worker, 2 processes):", flush=True)
     subprocess.run(

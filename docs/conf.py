@@ -31,7 +31,7 @@ release = version = _version()
 
 extensions = ["myst_parser"]
 source_suffix = {".md": "markdown"}
-exclude_patterns = ["_build"]
+exclude_patterns = ["_build", "_matrix.md"]
 
 myst_enable_extensions = ["colon_fence", "deflist"]
 # `[text](settings.md#client_timeouts)` links to headings, here as on GitHub.

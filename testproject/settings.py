@@ -2,7 +2,9 @@
 
 DBK_DB_HOST, DBK_DB_PORT, DBK_DB_USER, DBK_DB_PASSWORD, DBK_DB_NAME: the server.
 DBK_DB_READER_USER, DBK_DB_READER_PASSWORD: the "reader" alias's user (default: the same).
-DBK_DRIVER: ``mysqlclient`` (default) or ``pymysql``.
+DBK_DRIVER: ``mysqlclient`` (default), ``pymysql``, ``connector`` (MySQL Connector/Python,
+``ENGINE = "mysql.connector.django"``, pure Python) or ``connector-cext`` (the same with
+its C extension, ``use_pure=False``).
 DBK_APP: ``1`` (default) installs django_dbkeepalive, ``0`` shows plain Django.
 DBK_CONN_MAX_AGE: seconds, or ``None`` for unlimited persistent connections (default 0).
 DBK_BACKEND: ``patch`` (default: Django's MySQL ENGINE, the guard patches Django) or
@@ -21,16 +23,29 @@ if DRIVER == "pymysql":
     import pymysql
 
     pymysql.install_as_MySQLdb()
-elif DRIVER != "mysqlclient":
-    raise ImproperlyConfigured(f"DBK_DRIVER must be 'mysqlclient' or 'pymysql', not {DRIVER!r}")
+elif DRIVER not in ("mysqlclient", "connector", "connector-cext"):
+    raise ImproperlyConfigured(
+        "DBK_DRIVER must be 'mysqlclient', 'pymysql', 'connector' or 'connector-cext',"
+        f" not {DRIVER!r}"
+    )
+CONNECTOR = DRIVER.startswith("connector")
 
 APP_ENABLED = os.environ.get("DBK_APP", "1") != "0"
 BACKEND = os.environ.get("DBK_BACKEND", "patch")
 if BACKEND not in ("patch", "engine"):
     raise ImproperlyConfigured(f"DBK_BACKEND must be 'patch' or 'engine', not {BACKEND!r}")
+if CONNECTOR and BACKEND == "engine":
+    raise ImproperlyConfigured("DBK_BACKEND=engine has no Connector/Python ENGINE")
 MYSQL_ENGINE = (
-    "django_dbkeepalive.backends.mysql" if BACKEND == "engine" else "django.db.backends.mysql"
+    "mysql.connector.django"
+    if CONNECTOR
+    else "django_dbkeepalive.backends.mysql"
+    if BACKEND == "engine"
+    else "django.db.backends.mysql"
 )
+# Connector/Python: pure Python or its C extension, chosen explicitly (its default is the
+# C extension when it loads, else pure Python, silently).
+DRIVER_OPTIONS = {"use_pure": DRIVER == "connector"} if CONNECTOR else {}
 
 
 def _conn_max_age() -> int | None:
@@ -71,6 +86,7 @@ DATABASES = {
             "connect_timeout": 5,
             "read_timeout": 30,
             "write_timeout": 30,
+            **DRIVER_OPTIONS,
         },
         # CHARSET: MariaDB's default server charset is latin1.
         "TEST": {"NAME": "test_dbkeepalive", "CHARSET": "utf8mb4"},
@@ -93,6 +109,7 @@ DATABASES = {
             "read_timeout": 20,
             "write_timeout": 20,
             "isolation_level": "read committed",
+            **DRIVER_OPTIONS,
         },
         "TEST": {"MIRROR": "default"},
     },

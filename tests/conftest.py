@@ -26,7 +26,18 @@ from .postgres import PostgresServer, PostgresUnavailable, requested_driver
 from .proxy import HOST as PROXY_HOST
 from .proxy import FaultProxy
 
-MYSQL_ENGINES = ("django.db.backends.mysql", "django_dbkeepalive.backends.mysql")
+MYSQL_ENGINES = (
+    "django.db.backends.mysql",
+    "django_dbkeepalive.backends.mysql",
+    "mysql.connector.django",
+)
+#: The DB-API module of each DBK_DRIVER, as the backend's ``Database`` names it.
+DRIVER_MODULES = {
+    "mysqlclient": "MySQLdb",
+    "pymysql": "pymysql",
+    "connector": "mysql.connector",
+    "connector-cext": "mysql.connector",
+}
 PG_ALIAS = "pg"
 
 
@@ -50,6 +61,29 @@ def _select_pg_driver() -> str:
 
 
 PG_DRIVER = _select_pg_driver()
+
+
+def _connector_thread_id() -> None:
+    """The tests ask a connection for its server thread id with ``thread_id()``, as
+    mysqlclient and PyMySQL name it; Connector/Python calls it ``connection_id``. Test
+    code only: the package asks the driver adapter (``Connector.thread_id``)."""
+    if not os.environ.get("DBK_DRIVER", "").startswith("connector"):
+        return
+    from mysql.connector import connection
+
+    classes: list[Any] = [connection.MySQLConnection]
+    try:
+        from mysql.connector import connection_cext
+
+        classes.append(connection_cext.CMySQLConnection)
+    except ImportError:
+        pass
+    for cls in classes:
+        if not hasattr(cls, "thread_id"):
+            cls.thread_id = lambda self: self.connection_id
+
+
+_connector_thread_id()
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-django's, which sorts by these names too
@@ -234,15 +268,20 @@ def set_wait_timeout(mariadb: MariaDBServer) -> Iterator[Callable[[int], None]]:
 
 @pytest.fixture(scope="session")
 def driver() -> str:
-    """``"mysqlclient"`` or ``"pymysql"`` (from DBK_DRIVER), checked against what Django
-    really uses."""
+    """``"mysqlclient"``, ``"pymysql"``, ``"connector"`` or ``"connector-cext"`` (from
+    DBK_DRIVER), checked against what the default alias's backend really uses."""
     name = os.environ.get("DBK_DRIVER", "mysqlclient")
-    from django.db.backends.mysql import base
-
     # pymysql.install_as_MySQLdb() puts the pymysql module itself in sys.modules["MySQLdb"].
-    module = getattr(base, "Database").__name__  # noqa: B009 (not in django-stubs)
-    actual = "pymysql" if module == "pymysql" else "mysqlclient"
-    assert actual == name, f"DBK_DRIVER={name} but Django's MySQL backend uses {module}"
+    module = connections["default"].Database.__name__
+    assert module == DRIVER_MODULES[name], f"DBK_DRIVER={name} but the backend uses {module}"
+    if name.startswith("connector"):
+        import mysql.connector
+
+        want_cext = name == "connector-cext"
+        assert mysql.connector.HAVE_CEXT or not want_cext, (
+            "DBK_DRIVER=connector-cext but Connector/Python's C extension does not load"
+            " (imported after the ssl module, on a system OpenSSL older than its own?)"
+        )
     return name
 
 

@@ -7,7 +7,9 @@ wall time); one more per driver runs the guard's core tests with the guarded ENG
 coverage.py (branch coverage, subprocesses included); the data of all of them is
 combined at the end and reported for the package.
 
-    python -m tests.sessions [--jobs 2] [--drivers mysqlclient,pymysql] [-- PYTEST_ARGS]
+    python -m tests.sessions [--jobs 2] [--drivers mysqlclient,pymysql,connector] [-- PYTEST_ARGS]
+
+``connector`` (MySQL Connector/Python) runs the guard's core only (:data:`CORE_TESTS`).
 
 ``--jobs 1`` runs them one after the other with live output. Exit status 1 when a session
 failed (or the combined coverage is below the ``fail_under`` of setup.cfg).
@@ -31,6 +33,18 @@ ROOT = Path(__file__).resolve().parent.parent
 PG_DRIVER = {"mysqlclient": "psycopg", "pymysql": "psycopg2"}
 #: The guard's core, run again with the guarded ENGINE and nothing patched.
 ENGINE_TESTS = ("tests/test_guard.py", "tests/test_fork.py", "tests/test_faults.py")
+#: Drivers whose session runs only the guard's core (not the whole suite), through their
+#: own Django backend: MySQL Connector/Python (``ENGINE = "mysql.connector.django"``),
+#: pure Python. About 2 minutes on 2 cores.
+CORE_ONLY = {"connector"}
+CORE_TESTS = (
+    "tests/test_guard.py",
+    "tests/test_faults.py",
+    "tests/test_errors.py",
+    "tests/test_fork.py",
+    "tests/test_threads.py",
+    "tests/test_infra.py",
+)
 
 
 @dataclass
@@ -46,6 +60,10 @@ class Session:
 def sessions(drivers: list[str], pytest_args: list[str]) -> list[Session]:
     found = []
     for driver in drivers:
+        if driver in CORE_ONLY:
+            args = pytest_args or list(CORE_TESTS)
+            found.append(Session(f"{driver}/core", {"DBK_DRIVER": driver}, args))
+            continue
         env = {
             "DBK_DRIVER": driver,
             "DBK_PG_DRIVER": PG_DRIVER.get(driver, "psycopg"),
@@ -53,7 +71,7 @@ def sessions(drivers: list[str], pytest_args: list[str]) -> list[Session]:
         }
         found.append(Session(f"{driver}/{env['DBK_PG_DRIVER']}", env, pytest_args))
     if not pytest_args:  # a selection of tests given by hand runs once per driver only
-        for driver in drivers:
+        for driver in (d for d in drivers if d not in CORE_ONLY):
             env = {"DBK_DRIVER": driver, "DBK_BACKEND": "engine"}
             found.append(Session(f"{driver}/engine", env, list(ENGINE_TESTS)))
     return found
@@ -81,7 +99,7 @@ def last_line(path: Path) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--drivers", default="mysqlclient,pymysql")
+    parser.add_argument("--drivers", default="mysqlclient,pymysql,connector")
     parser.add_argument("pytest_args", nargs="*")
     args = parser.parse_args()
     todo = sessions(args.drivers.split(","), args.pytest_args)

@@ -133,7 +133,8 @@ def test_without_the_guard_a_childs_close_all_breaks_the_parents_connection(raw)
         assert in_child(lambda: connections.close_all() is None) == 0
         with pytest.raises(OperationalError) as caught:
             Item.objects.count()
-        assert caught.value.args[0] in (2006, 2013)
+        # -1: Connector/Python's "MySQL Connection not available" (its cursor() pings).
+        assert caught.value.args[0] in (2006, 2013, -1)
     finally:
         close_connections()
         guard.install()

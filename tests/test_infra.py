@@ -92,8 +92,10 @@ def test_set_wait_timeout_applies_to_new_connections(
 def test_driver_fixture(driver: str) -> None:
     assert driver == os.environ.get("DBK_DRIVER", "mysqlclient")
     connection.ensure_connection()
-    package = type(connection.connection).__module__.split(".")[0]
-    assert package == ("pymysql" if driver == "pymysql" else "MySQLdb")
+    package = type(connection.connection).__module__
+    expected = {"pymysql": "pymysql", "connector": "mysql.connector.connection"}
+    expected["connector-cext"] = "mysql.connector.connection_cext"
+    assert package.startswith(expected.get(driver, "MySQLdb"))
 
 
 def test_subprocess_manage_py_uses_the_test_database() -> None:

@@ -13,6 +13,7 @@ from django.apps import apps
 from django.core import checks
 from django.db import connections
 
+from .. import guard
 from ..conf import conf
 from .aliases import (
     alias_settings,
@@ -81,6 +82,7 @@ def configuration_messages(alias: str) -> list[checks.CheckMessage]:
             )
         )
     found += _unpatched_messages(alias, db)
+    found += _unguarded_messages(alias, db)
     cfg = alias_settings(alias)
     if cfg is not None and not cfg.auto_guard and not middleware_installed():
         found.append(
@@ -95,6 +97,30 @@ def configuration_messages(alias: str) -> list[checks.CheckMessage]:
             )
         )
     return found
+
+
+def _unguarded_messages(alias: str, db: Any) -> list[checks.CheckMessage]:
+    """``W011``: a MySQL or PostgreSQL backend whose driver the guard does not know or
+    no longer supports: it is left alone, never shown as guarded."""
+    reason = guard.unguarded(db)
+    if reason is None:
+        return []
+    engine = db.settings_dict.get("ENGINE")
+    drivers = (
+        "mysqlclient, PyMySQL or MySQL Connector/Python >= 8.3"
+        if db.vendor == "mysql"
+        else "psycopg (3) or psycopg2"
+    )
+    return [
+        message(
+            "dbkeepalive.W011",
+            f"Database {alias!r} is not guarded: {reason} (ENGINE {engine!r}). "
+            "django-dbkeepalive leaves its connections alone; they fail with 'server "
+            "has gone away' after an idle period, a KILL or a restart, as without the app.",
+            f"Use a backend on {drivers} for DATABASES[{alias!r}], or keep CONN_MAX_AGE "
+            "below the server's idle timeout and set CONN_HEALTH_CHECKS = True.",
+        )
+    ]
 
 
 def _unpatched_messages(alias: str, db: Any) -> list[checks.CheckMessage]:

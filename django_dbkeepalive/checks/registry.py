@@ -142,6 +142,13 @@ REGISTRY: tuple[CheckInfo, ...] = (
         "(a Django test that did not declare the alias)",
         "server",
     ),
+    CheckInfo(
+        "dbkeepalive.W011",
+        "warning",
+        "a MySQL or PostgreSQL alias whose driver the guard does not know or no longer "
+        "supports: not guarded",
+        "configuration",
+    ),
 )
 #: The IDs of :data:`REGISTRY`, in order.
 CHECK_IDS: tuple[str, ...] = tuple(info.id for info in REGISTRY)

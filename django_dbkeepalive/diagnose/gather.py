@@ -149,6 +149,7 @@ def _guard_info(
             "installed_by": None,
             "enabled": False,
             "mode": "invalid",
+            "unguarded": None,
             "wait_timeout": None,
             "wait_timeout_source": None,
             "margin": None,
@@ -162,7 +163,8 @@ def _guard_info(
         getattr(connections[alias], "dbkeepalive_native", False)
     )
     by = None if not installed else "patch" if guard.is_patched() else "engine" if native else None
-    if by is None:
+    unguarded = guard.unguarded(connections[alias]) if checks.backend_error(alias) is None else None
+    if by is None or unguarded is not None:
         mode = "off"
     elif cfg.auto_guard:
         mode = "auto"
@@ -181,6 +183,7 @@ def _guard_info(
         "installed_by": by,  # "patch" (Django's classes), "engine" (the backend) or None
         "enabled": mode != "off",
         "mode": mode,  # "auto", "middleware" (requests only) or "off"
+        "unguarded": unguarded,  # why the guard cannot protect it (its driver), or None
         "wait_timeout": wait,
         "wait_timeout_source": source,  # "setting", "server" or None (unknown)
         "margin": cfg.margin,

@@ -50,16 +50,24 @@ __all__ = [
     "socket_family",
     "state_of",
     "take_idle_report",
+    "unguarded",
     "uninstall",
     "unwatch_until_reconnect",
 ]
+
+
+def unguarded(db: Any) -> str | None:
+    """Why the guard cannot protect ``db``'s connections (a MySQL or PostgreSQL backend
+    whose driver it does not know, or a driver older than it supports), or ``None``."""
+    return family_of(db).unguarded(db)
 
 
 def check_idle(db: Any) -> None:
     """Close ``db``'s connection if it is dead, idle past its limit or obsolete (outside a
     transaction only), whether or not the automatic guard is on. Used at the edges of a
     unit of work; costs a round trip only when a ping is due."""
-    if db.connection is None or in_transaction(db) or state_of(db) is None:
+    state = state_of(db)
+    if db.connection is None or state is None or state.unguarded or in_transaction(db):
         return
     before(db, force=True)
 

@@ -65,6 +65,7 @@ def arm(db: Any, state: ConnectionState) -> None:
         and db.connection is not None
         and db.connection is state.conn
         and (cfg.auto_guard or state.forced > 0)
+        and state.unguarded is None
     )
     state.on = on
     state.due = state.last + cfg.peek_after if on and cfg is not None else INF
@@ -78,6 +79,7 @@ def connection_opened(db: Any) -> None:
     cfg = conf.for_alias(db.alias)
     family = family_of(db)
     state = previous.successor(family, driver_of(db, family), cfg, db.connection)
+    state.unguarded = family.unguarded(db)
     setattr(db, ATTRIBUTE, state)
     KNOWN.add(db)
     state.last = now()

@@ -119,7 +119,7 @@ def failed(
         raise exc
     idle = -INF  # the statement was in flight: there was no idle period to report
     if cursor is not None:
-        orphan(cursor)
+        orphan(cursor, db)
     family = state.family
     cause = failure_cause(db, state, found, exc)
     if in_transaction(db):

@@ -26,7 +26,7 @@ from .connect import KNOWN, arm, connection_opened
 from .families import FAMILIES
 from .families.base import limit_for
 from .state import ATTRIBUTE, state_of
-from .wrappers import ACTIVE, CLASS_PATCHES, PATCHED, cursor_close
+from .wrappers import ACTIVE, BACKEND_WRAPS, CLASS_PATCHES, PATCHED, cursor_close
 
 __all__ = ["install", "is_installed", "is_patched", "uninstall"]
 
@@ -88,6 +88,8 @@ def install(*, patch: bool = True) -> None:
             for family in FAMILIES:
                 for cls, name, wrap in family.backend_patches():
                     _replace(cls, name, wrap)
+                for cls, name in family.guarded_methods():
+                    _replace(cls, name, BACKEND_WRAPS[name])
             if "close" not in backend_utils.CursorWrapper.__dict__:
                 backend_utils.CursorWrapper.close = cursor_close  # type: ignore[attr-defined]
                 _replaced.append((backend_utils.CursorWrapper, "close", None, cursor_close))

@@ -46,7 +46,7 @@ def statement_refused(
     code = code_of(exc) or (exc.args[0] if exc.args and isinstance(exc.args[0], int) else 0)
     refused = Disconnect(code, cause.kind, not_sent=True, retryable=True, alive=True)
     if cursor is not None:
-        orphan(cursor)
+        orphan(cursor, db)
     if in_transaction(db):
         # The transaction stays open on that node until it ends: the block's rollback
         # closes the connection properly, and the next statement gets a new one.

@@ -27,6 +27,7 @@ from . import fork, sockets
 from .causes import Cause, explain, network_evidence
 from .disconnects import FORK, Disconnect
 from .families import classify
+from .families.base import Driver
 from .messages import lost_in_transaction
 from .state import INF, ConnectionState, now
 
@@ -34,6 +35,7 @@ __all__ = [
     "before",
     "close_connection",
     "connection_failed",
+    "cursor_owner",
     "discard",
     "failure_cause",
     "in_transaction",
@@ -47,6 +49,7 @@ logger = logging.getLogger("django_dbkeepalive")
 # A server-side close after a pause this long is worth reporting even before the
 # guard has learnt the server's idle timeout (a KILL right after a statement is not).
 NOTABLE_IDLE = 1.0
+_ANY_DRIVER = Driver()
 # Losses after which the server may still hold the session (the network went silent).
 ZOMBIE_KINDS = ("timeout", "dead_peer")
 
@@ -311,19 +314,32 @@ def _driver_cursor(cursor: Any) -> Any:
     return getattr(inner, "cursor", inner)  # Django's MySQL backend wraps the driver's
 
 
-def orphan(cursor: Any) -> None:
+def _driver(db: Any) -> Driver:
+    state: ConnectionState | None = getattr(db, "_dbkeepalive", None)
+    return _ANY_DRIVER if state is None else state.driver
+
+
+def cursor_owner(cursor: Any, db: Any) -> Any:
+    """The driver connection a ``CursorWrapper``'s driver cursor belongs to, or ``None``."""
+    try:
+        return _driver(db).cursor_owner(_driver_cursor(cursor))
+    except Exception:
+        return None
+
+
+def orphan(cursor: Any, db: Any = None) -> None:
     """Unbind a driver cursor from its dead connection, so closing it later is a no-op
-    (both MySQL drivers' ``close()`` would otherwise talk to the closed connection and
+    (the MySQL drivers' ``close()`` would otherwise talk to the closed connection and
     raise a raw driver error from the caller's cleanup code)."""
     with contextlib.suppress(Exception):
-        _driver_cursor(cursor).connection = None
+        _driver(db).orphan_cursor(_driver_cursor(cursor))
 
 
 def rebind(cursor: Any, db: Any) -> None:
     """Point a cursor object created before a reconnect at the new connection."""
-    if getattr(_driver_cursor(cursor), "connection", None) is db.connection:
+    if cursor_owner(cursor, db) is db.connection:
         return
-    orphan(cursor)
+    orphan(cursor, db)
     cursor.cursor = db.create_cursor()
 
 

@@ -60,6 +60,8 @@ class ConnectionState:
     cfg: AliasSettings | None
     #: The driver connection this state belongs to; ``None`` once the guard dropped it.
     conn: Any = None
+    #: Why the guard cannot protect it (a driver it does not know, or too old): never on.
+    unguarded: str | None = None
     #: Guarded: ``AUTO_GUARD``, or a scope (:attr:`forced`) that guards it anyway.
     on: bool = False
     #: The hot path takes the slow path once the clock passes this.

@@ -69,8 +69,14 @@ def _warn_lost_transaction(db: Any) -> None:
     )
 
 
-def _thread_id(conn: Any) -> int:
-    return int(conn.thread_id())  # both mysqlclient and PyMySQL
+def _thread_id(db: Any, conn: Any) -> int:
+    found = guard.driver_of(db).thread_id(conn)  # each driver names it differently
+    if found is None:
+        raise RuntimeError(
+            f"django-dbkeepalive: the {db.alias!r} connection's driver does not say its "
+            "server thread id: kill_connection() cannot KILL it"
+        )
+    return int(found)
 
 
 def kill_connection(using: str = "default", *, notice: bool = True) -> int:
@@ -107,7 +113,7 @@ def kill_connection(using: str = "default", *, notice: bool = True) -> int:
     if guard.in_transaction(db):
         _warn_lost_transaction(db)
     conn = db.connection
-    victim = _thread_id(conn)
+    victim = _thread_id(db, conn)
     killer = db.get_new_connection(db.get_connection_params())
     try:
         cursor = killer.cursor()

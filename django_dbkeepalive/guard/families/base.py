@@ -13,7 +13,10 @@ Must never import: the rules, the wrappers or a concrete family.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import logging
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -43,6 +46,22 @@ class Driver:
     distribution: str | None = None
     #: A read that waited out the client's read_timeout is reported like a server close.
     timeouts_look_like_closes = False
+    #: The oldest release the guard supports (of :attr:`distribution`); ``()``: any.
+    minimum_version: tuple[int, ...] = ()
+    #: ``False`` for a family's stand-in for a driver module it does not know.
+    known = True
+
+    def unsupported(self, module: Any) -> str | None:
+        """Why the guard cannot protect this driver's connections (``None``: it can)."""
+        if not self.known:
+            name = getattr(module, "__name__", None) or "no DB-API module"
+            return f"its driver module ({name}) is not one the guard knows"
+        if self.minimum_version and self.distribution:
+            version = installed_version(self.distribution)
+            if version and version < self.minimum_version:
+                have, need = (".".join(map(str, v)) for v in (version, self.minimum_version))
+                return f"{self.name} {have} is older than {need}, the oldest the guard supports"
+        return None
 
     def fileno(self, conn: Any) -> int | None:
         """The connection's socket descriptor, or ``None`` (no round trip, no lock)."""
@@ -68,6 +87,24 @@ class Driver:
         except Exception:
             return ""
 
+    def cursor_owner(self, cursor: Any) -> Any:
+        """The connection a driver cursor belongs to (``None``: none, or unknown)."""
+        return getattr(cursor, "connection", None)
+
+    def orphan_cursor(self, cursor: Any) -> None:
+        """Unbind a driver cursor from its connection: its ``close()`` then does nothing."""
+        cursor.connection = None
+
+    def reading(self, conn: Any) -> bool:
+        """Whether the driver has not read a result to its end yet (an unbuffered
+        cursor): the server's rows are then expected on the idle socket."""
+        return False
+
+    def accepts_option(self, name: str) -> bool:
+        """Whether its ``connect()`` accepts the client option ``name`` (a timeout that
+        ``CLIENT_TIMEOUTS`` would add)."""
+        return True
+
     def connection_params(self, params: dict[str, Any], alias: str) -> dict[str, Any]:
         """The keyword arguments Django passes to the driver's ``connect()``, adjusted."""
         return params
@@ -75,6 +112,23 @@ class Driver:
     def client_library(self, module: Any) -> str | None:
         """The C client library it is built on, for the diagnose command."""
         return None
+
+
+class UnknownDriver(Driver):
+    """A family's stand-in for a driver module it does not know: not guarded."""
+
+    known = False
+
+
+@functools.cache
+def installed_version(distribution: str) -> tuple[int, ...]:
+    """The leading numbers of an installed distribution's version (``()``: unknown)."""
+    try:
+        text = importlib.metadata.version(distribution)
+    except Exception:
+        return ()
+    found = re.match(r"\d+(?:\.\d+)*", text)
+    return tuple(int(n) for n in found.group().split(".")) if found else ()
 
 
 class Family:
@@ -108,6 +162,14 @@ class Family:
             if name in driver.modules or name.split(".")[0] in driver.modules:
                 return driver
         return self.fallback_driver
+
+    def unguarded(self, db: Any) -> str | None:
+        """Why the guard cannot protect ``db``'s connections, or ``None``: a backend of
+        this family whose driver it does not know, or one older than it supports."""
+        if not self.drivers:
+            return None  # another vendor: only CONN_MAX_AGE, said by check I001
+        module = getattr(db, "Database", None)
+        return self.driver_for(module).unsupported(module)
 
     # ---------------------------------------------------------------- errors
 
@@ -228,6 +290,12 @@ class Family:
     def backend_patches(self) -> list[tuple[type, str, Any]]:
         """``(class, method name, wrap)`` pairs the guard installs on this family's
         backend classes: ``wrap(original)`` returns the replacement."""
+        return []
+
+    def guarded_methods(self) -> list[tuple[type, str]]:
+        """``(class, method name)`` pairs of this family's backend classes that the
+        guard wraps with its own vendor-neutral wrapper of that name (``create_cursor``:
+        a driver whose ``cursor()`` makes a round trip)."""
         return []
 
 

@@ -19,8 +19,9 @@ from ...conf import conf
 from ..causes import Cause, explain
 from ..disconnects import Disconnect
 from ..state import INF, ConnectionState
-from .base import Driver, Family, Statement, limit_for
-from .mysql_codes import CLOSED_BY, DISCONNECT_CODES, classify_code, refusal_of
+from . import mysql_connector as connector
+from .base import Driver, Family, Statement, UnknownDriver, limit_for
+from .mysql_codes import CLOSED_BY, DISCONNECT_CODES, classify_code, code_of, refusal_of
 from .mysql_drivers import DRIVERS
 from .mysql_session import (
     end_zombie,
@@ -46,14 +47,16 @@ class MySQLFamily(Family):
     vendor = "mysql"
     title = "MySQL/MariaDB"
     drivers = DRIVERS
-    fallback_driver: Driver = Driver()
+    fallback_driver: Driver = UnknownDriver()
     watches_socket = True
     can_ping = True
     peek_size = 7  # 3-byte length, sequence number, 0xFF, a 2-byte error code
     gone_code = 2006
 
     def classify(self, exc: BaseException) -> Disconnect | None:
-        return classify_code(exc)
+        code = connector.code_of(exc)
+        found = connector.classify(exc, code_of(exc) if code is None else code)
+        return found if found is not None else classify_code(exc, code)
 
     # --------------------------------------------------------- server limits
 
@@ -102,6 +105,8 @@ class MySQLFamily(Family):
     def readable_cause(self, db: Any, state: ConnectionState) -> tuple[str, bytes] | None:
         from ..sockets import peek_head
 
+        if state.driver.reading(db.connection):
+            return None  # the rest of a result the driver has not read yet
         return peek_head(state, self.peek_size)
 
     def closed_cause(self, state: ConnectionState, what: str, head: bytes, idle: float) -> Cause:
@@ -208,19 +213,44 @@ class MySQLFamily(Family):
         ``read_default_file``, may set them: the user's choice wins)."""
         timeouts = conf.for_alias(db.alias).client_timeouts
         if timeouts and "read_default_file" not in params:
+            driver = self.driver_for(getattr(db, "Database", None))
             for name, value in timeouts.items():
-                params.setdefault(name, value)  # OPTIONS are already in params
+                if driver.accepts_option(name):
+                    params.setdefault(name, value)  # OPTIONS are already in params
         return super().connection_params(db, params)
 
     def backend_patches(self) -> list[tuple[type, str, Any]]:
+        patches: list[tuple[type, str, Any]] = []
         try:
             from django.db.backends.mysql.base import DatabaseWrapper
-        except Exception:  # no MySQL driver installed: nothing of MySQL to patch
-            return []
-        return [
-            (DatabaseWrapper, "is_usable", _wrap_is_usable),
-            (DatabaseWrapper, "get_connection_params", _wrap_get_connection_params),
-        ]
+        except Exception:  # mysqlclient (or PyMySQL as MySQLdb) is not installed
+            pass
+        else:
+            patches += [
+                (DatabaseWrapper, "is_usable", _wrap_is_usable),
+                (DatabaseWrapper, "get_connection_params", _wrap_get_connection_params),
+            ]
+        wrapper = _connector_wrapper()
+        if wrapper is not None:  # its is_usable() already pings without reconnecting
+            patches.append((wrapper, "get_connection_params", _wrap_get_connection_params))
+        return patches
+
+    def guarded_methods(self) -> list[tuple[type, str]]:
+        # Connector/Python's cursor() pings first: a closed connection fails there.
+        wrapper = _connector_wrapper()
+        return [] if wrapper is None else [(wrapper, "create_cursor")]
+
+
+def _connector_wrapper() -> type | None:
+    """Connector/Python's ``DatabaseWrapper`` (``ENGINE = "mysql.connector.django"``),
+    when it is installed and loads (its connect, commit, rollback and set_autocommit
+    are ``BaseDatabaseWrapper``'s, its cursors Django's ``CursorWrapper``: patched)."""
+    try:
+        from mysql.connector.django.base import DatabaseWrapper
+    except Exception:
+        return None
+    wrapper: type = DatabaseWrapper
+    return wrapper
 
 
 def _wrap_is_usable(original: Callable[..., Any]) -> Callable[..., Any]:

@@ -65,9 +65,11 @@ def code_of(exc: BaseException) -> int | None:
     return None
 
 
-def classify_code(exc: BaseException) -> Disconnect | None:
-    """A :class:`Disconnect` when this exception (not its causes) is a lost connection."""
-    code = code_of(exc)
+def classify_code(exc: BaseException, code: int | None = None) -> Disconnect | None:
+    """A :class:`Disconnect` when this exception (not its causes) is a lost connection;
+    ``code``: its code when the driver keeps it elsewhere than in ``args[0]``."""
+    if code is None:
+        code = code_of(exc)
     if code is None:
         return None
     if code == 0:

@@ -1,7 +1,8 @@
 """The MySQL/MariaDB drivers: one thin adapter each.
 
 Owns: how each driver exposes its socket, pings without reconnecting, and names its
-session; nothing else differs for the guard.
+session; and what each adjusts in its ``connect()`` arguments (PyMySQL: the TLS context
+of its preferred mode, built once, :mod:`.mysql_tls`); nothing else differs for the guard.
 Must never import: the rules, the wrappers, or the MySQL family module.
 """
 
@@ -9,7 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...conf import conf
+from . import mysql_tls
 from .base import Driver
+from .mysql_connector import Connector
 
 __all__ = ["DRIVERS", "Mysqlclient", "PyMySQL"]
 
@@ -55,5 +59,13 @@ class PyMySQL(Driver):
     def thread_id(self, conn: Any) -> int | None:
         return int(conn.thread_id())
 
+    def connection_params(self, params: dict[str, Any], alias: str) -> dict[str, Any]:
+        # No TLS option: PyMySQL's preferred mode, whose context is built once per
+        # process instead of per connect. ``params`` are passed on unchanged. It replaces
+        # one PyMySQL method: not where DBKEEPALIVE["PATCH"] = False forbids patching.
+        if conf.patch:
+            mysql_tls.arm(params)
+        return params
 
-DRIVERS: tuple[Driver, ...] = (Mysqlclient(), PyMySQL())
+
+DRIVERS: tuple[Driver, ...] = (Mysqlclient(), PyMySQL(), Connector())

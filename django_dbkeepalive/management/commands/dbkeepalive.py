@@ -213,7 +213,9 @@ class Command(BaseCommand):
             "middleware": "requests only (KeepaliveMiddleware; AUTO_GUARD is off)",
             "off": "OFF"
             + (
-                " (not installed)"
+                f" (not guarded: {g['unguarded']})"
+                if g.get("unguarded")
+                else " (not installed)"
                 if not g["installed"]
                 else " (DBKEEPALIVE['PATCH'] is False and this ENGINE has no guard)"
                 if g.get("installed_by") is None
@@ -222,7 +224,7 @@ class Command(BaseCommand):
             "invalid": "unknown: DBKEEPALIVE is invalid (see Settings above)",
         }[g["mode"]]
         rows.append(("guard", mode))
-        if db.mysql and g["mode"] != "invalid":
+        if db.mysql and g["mode"] != "invalid" and not g.get("unguarded"):
             if g["idle_limit"] is None:
                 limit = "unknown (wait_timeout not known)"
             else:
