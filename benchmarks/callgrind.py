@@ -10,6 +10,7 @@ divided by N2 - N1 is the cost of one query with start-up cancelled out.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -126,6 +127,10 @@ def main() -> None:
     server, env = start()
     try:
         for driver in args.drivers.split(","):
+            module = {"connector": "mysql.connector", "pymysql": "pymysql"}.get(driver, "MySQLdb")
+            if importlib.util.find_spec(module) is None:
+                print(f"{driver:12} skipped: {module} is not installed", flush=True)
+                continue
             for case in args.cases.split(","):
                 plain = per_query(env, "plain", driver, case)
                 app = per_query(env, "app", driver, case)

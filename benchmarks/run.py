@@ -161,7 +161,8 @@ def main() -> None:
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwritten: {args.json.relative_to(ROOT)}")
+    shown = args.json.resolve()
+    print(f"\nwritten: {shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown}")
 
     print("\nrecovery: KILL, restart, N threads at once (benchmarks/recovery.py):", flush=True)
     # Connector/Python too, when installed (recovery.py skips a driver that is not).
@@ -182,7 +183,7 @@ def main() -> None:
                     str(HERE / "callgrind.py"),
                     "--wrapper",
                     "--drivers",
-                    args.drivers,
+                    every,
                 ],
                 check=True,
             )

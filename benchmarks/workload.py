@@ -44,7 +44,10 @@ def setup(mode: str, driver: str) -> None:
         DBKEEPALIVE=json.loads(os.environ.get("DBK_BENCH_SETTINGS", "{}")),
         DATABASES={
             "default": {
-                "ENGINE": "django.db.backends.mysql",
+                # Connector/Python: its own backend, pure Python (as in the tests).
+                "ENGINE": "mysql.connector.django"
+                if driver == "connector"
+                else "django.db.backends.mysql",
                 "HOST": os.environ["DBK_DB_HOST"],
                 "PORT": int(os.environ["DBK_DB_PORT"]),
                 "USER": os.environ["DBK_DB_USER"],
@@ -52,7 +55,10 @@ def setup(mode: str, driver: str) -> None:
                 "NAME": os.environ["DBK_DB_NAME"],
                 "CONN_MAX_AGE": None,
                 "CONN_HEALTH_CHECKS": mode == "health",
-                "OPTIONS": {"charset": "utf8mb4"},
+                "OPTIONS": {
+                    "charset": "utf8mb4",
+                    **({"use_pure": True} if driver == "connector" else {}),
+                },
             }
         },
     )
