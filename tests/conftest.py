@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -165,6 +166,24 @@ def extra_alias(alias: str, **changes: Any) -> Iterator[str]:
         with contextlib.suppress(AttributeError):
             del connections[alias]
         del connections.settings[alias]
+
+
+def json_from(args: list[str], env: dict[str, str], timeout: float = 60) -> dict[str, Any]:
+    """Run ``python *args`` from the repository root; its last stdout line, as JSON."""
+    import json
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, *args],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.02) -> bool:

@@ -4,10 +4,7 @@ and patching that never takes another library's patch away."""
 from __future__ import annotations
 
 import functools
-import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +27,7 @@ from django_dbkeepalive.guard import wrappers
 from django_dbkeepalive.testing import kill_connection, record_recycles
 from testproject.testapp.models import Item
 
-from .conftest import close_connections, extra_alias
+from .conftest import close_connections, extra_alias, json_from
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -89,17 +86,7 @@ print(json.dumps({
 
 def run_engine_probe() -> dict[str, Any]:
     env = {**os.environ, "DBK_BACKEND": "engine", "DJANGO_SETTINGS_MODULE": "testproject.settings"}
-    done = subprocess.run(
-        [sys.executable, "-c", ENGINE_PROBE],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    return json_from(["-c", ENGINE_PROBE], env)
 
 
 def test_the_engine_without_patching_leaves_djangos_classes_alone_and_recovers_a_kill(raw):

@@ -12,11 +12,8 @@ KILLed connection underneath the tool, which keeps the statement it re-ran.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import select
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +22,8 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext, override_settings
 
 from django_dbkeepalive import guard
+
+from .conftest import json_from
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -49,16 +48,7 @@ def _probe(tool: str, order: str, app: bool) -> dict[str, Any]:
         "DBK_BACKEND": "patch",
         "DJANGO_SETTINGS_MODULE": "testproject.settings",
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.coexistence_probe", tool, order],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    result = json_from(["-m", "tests.coexistence_probe", tool, order], env)
     # Each run is what it claims to be: the guard installed (and guarding) or absent.
     assert result["guard"]["installed"] is app
     assert (result["guard"]["wait"] is not None) is app
