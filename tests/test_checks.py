@@ -508,10 +508,28 @@ def test_wrong_password_is_an_error_naming_user_and_password_not_an_unreachable_
     assert server.password not in text_of(found)
 
 
+def _django_forbids_new_wrappers_of_undeclared_aliases() -> bool:
+    # Django 4.2.1+ (and 5.x, 6.x) also patch BaseDatabaseWrapper.ensure_connection, so the
+    # check's own wrapper of "reader" is refused; Django 4.2.0 patched only the alias's
+    # own wrapper instance.
+    from django.test import TransactionTestCase
+
+    return hasattr(TransactionTestCase, "ensure_connection_patch_method")
+
+
 def test_an_alias_the_test_did_not_declare_is_not_checked_and_not_an_error():
     # This test declares only "default": Django's test case forbids connecting to
     # "reader" (DatabaseOperationForbidden). That says nothing about the server.
     found = ours(["reader"])
+    if not _django_forbids_new_wrappers_of_undeclared_aliases():
+        # Django 4.2.0: the check's connection is allowed and really reads the server.
+        from django_dbkeepalive.diagnose import diagnose
+
+        assert found == []
+        [db] = diagnose(["reader"]).as_dict()["databases"]
+        assert db["server"]["version"], db
+        assert db["verdict"] == "ok"
+        return
     assert ids(found) == ["dbkeepalive.I003"]
     assert found[0].msg.startswith("Database 'reader': its server at 127.0.0.1:")
     assert "DatabaseOperationForbidden" in found[0].msg
@@ -521,6 +539,16 @@ def test_an_alias_the_test_did_not_declare_is_not_checked_and_not_an_error():
     [db] = diagnose(["reader"]).as_dict()["databases"]
     assert db["server"]["error_kind"] == "not_checked"
     assert db["verdict"] == "ok"
+
+
+def test_a_test_without_database_access_is_not_checked_and_not_an_error(django_db_blocker):
+    # pytest-django's blocker (a test without the django_db mark) raises a RuntimeError:
+    # the context's refusal, not a problem with the server or the settings.
+    with django_db_blocker.block():
+        found = ours(["default"])
+    assert ids(found) == ["dbkeepalive.I003"]
+    assert "Database access not allowed" in found[0].msg
+    assert "E006" not in text_of(found)
 
 
 def test_only_the_aliases_asked_for_are_visited():

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,7 @@ def no_password_anywhere(server) -> Iterator[list[str]]:
 
 #: The start of the driver row for each DBK_DRIVER: the driver the alias really uses.
 DRIVER_ROW = {
-    "mysqlclient": "mysqlclient 2.",
+    "mysqlclient": "mysqlclient ",
     "pymysql": "PyMySQL 1.",
     "connector": "MySQL Connector/Python ",
     "connector-cext": "MySQL Connector/Python ",
@@ -117,6 +118,7 @@ def test_table_shows_server_client_django_and_guard_values(driver, server):
     row = rows(result.out)
     assert row["driver"].startswith(DRIVER_ROW[driver])
     if driver == "mysqlclient":
+        assert row["driver"].startswith(f"mysqlclient {metadata.version('mysqlclient')} ")
         assert "(client library " in row["driver"]
     assert row["server"].startswith("MariaDB 10.")
     assert row["wait_timeout"] == f"{wait} s (session), {wait} s (global)"

@@ -122,6 +122,12 @@ def pymysql_only(db: Any) -> None:
         pytest.skip("PyMySQL's preferred mode (DBK_DRIVER=pymysql)")
 
 
+def preferred_mode_only(db: Any) -> None:
+    pymysql_only(db)
+    if mysql_tls.preferred_context() is None:
+        pytest.skip("this PyMySQL (before 1.2) has no preferred TLS mode: nothing is cached")
+
+
 # -- no ssl option: the same TLS as the driver alone --------------------------------
 
 
@@ -132,13 +138,16 @@ def test_the_session_is_encrypted_exactly_when_it_is_without_the_app(target, dri
             with_app = cursor.fetchone()[1] or ""
         without = outcome(lambda: direct(db, target))
     assert without == ("ok", with_app)
-    if driver == "pymysql":  # PyMySQL's preferred mode: TLS whenever the server offers it
+    if driver == "pymysql" and mysql_tls.preferred_context() is not None:
+        # PyMySQL 1.2's preferred mode: TLS whenever the server offers it.
         assert bool(with_app) == target.tls
+    elif driver == "pymysql":  # PyMySQL 1.1: no TLS without an ssl option
+        assert with_app == ""
 
 
 def test_preferred_mode_verifies_nothing_with_or_without_the_app(tls_server, driver):
     with alias_on(tls_server) as db:
-        pymysql_only(db)
+        preferred_mode_only(db)
         db.ensure_connection()
         ours = db.connection.ctx
         plain = direct(db, tls_server)
@@ -179,8 +188,9 @@ def test_an_alias_with_ssl_options_gets_the_drivers_own_rules(tls_server, driver
     options = _explicit_options(tls_server)[case]
     with alias_on(tls_server, **options) as db:
         with_app = outcome(lambda: Borrowed(db))
-        if driver == "pymysql" and with_app[0] == "ok":
-            assert getattr(db.connection, "ctx", None) is not mysql_tls.preferred_context()
+        preferred = mysql_tls.preferred_context() if driver == "pymysql" else None
+        if preferred is not None and with_app[0] == "ok":
+            assert getattr(db.connection, "ctx", None) is not preferred
         db.close()
         without = outcome(lambda: direct(db, tls_server, **options))
     assert with_app == without
@@ -216,7 +226,7 @@ def test_mysqlclients_arguments_are_untouched(target):
 
 def test_the_context_is_reused_across_reconnects_and_threads(target):
     with alias_on(target) as db:
-        pymysql_only(db)
+        preferred_mode_only(db)
         db.ensure_connection()
         first, session = db.connection.ctx, db.connection.thread_id()
         target.kill(session)

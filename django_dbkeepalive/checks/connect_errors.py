@@ -47,6 +47,15 @@ _UNKNOWN_DATABASE = 1049
 #: connect from an event loop's thread. Matched by class name, so that the checks never
 #: import ``django.test``.
 _NOT_CHECKED_ERRORS = frozenset({"DatabaseOperationForbidden", "SynchronousOnlyOperation"})
+#: pytest-django's database blocker (a test without the ``django_db`` mark) raises a plain
+#: ``RuntimeError`` with this message.
+_PYTEST_DJANGO_BLOCKED = "Database access not allowed"
+
+
+def _forbidden_by_context(exc: BaseException) -> bool:
+    return type(exc).__name__ in _NOT_CHECKED_ERRORS or (
+        isinstance(exc, RuntimeError) and str(exc).startswith(_PYTEST_DJANGO_BLOCKED)
+    )
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -76,9 +85,10 @@ def connect_error_kind(exc: BaseException) -> str:
     - ``"configuration"``: the alias's settings are wrong before anything reaches the
       server (a ``TypeError`` from bad ``OPTIONS`` or ``CONN_MAX_AGE``, a client error);
     - ``"not_checked"``: the caller's context forbade the connect (a Django test that did
-      not declare the alias, an event loop's thread): nothing is known about the server.
+      not declare the alias, a pytest test without the ``django_db`` mark, an event
+      loop's thread): nothing is known about the server.
     """
-    if any(type(current).__name__ in _NOT_CHECKED_ERRORS for current in _chain(exc)):
+    if any(_forbidden_by_context(current) for current in _chain(exc)):
         return "not_checked"
     if classify(exc) is not None:
         return "unreachable"
