@@ -30,13 +30,14 @@ from typing import Any
 import pymysql  # the admin side always uses PyMySQL itself, never the MySQLdb shim
 
 try:
-    from .servers import PrivateServer, _die_with_parent, _free_port, make_certificate
+    from .servers import PrivateServer, _die_with_parent, _free_port, make_certificate, system_env
 except ImportError:  # run as a script: python tests/mariadb.py
     from servers import (  # type: ignore[no-redef]
         PrivateServer,
         _die_with_parent,
         _free_port,
         make_certificate,
+        system_env,
     )
 
 ENV_VAR = "DBKEEPALIVE_TEST_SERVER"
@@ -271,7 +272,7 @@ class MariaDBServer(PrivateServer):
             f"--user={self._os_user}",
             *SERVER_OPTIONS,
         ]
-        res = subprocess.run(install, check=False, capture_output=True, text=True)
+        res = subprocess.run(install, check=False, capture_output=True, text=True, env=system_env())
         if res.returncode != 0:
             raise RuntimeError(f"mariadb-install-db failed:\n{res.stdout}\n{res.stderr}")
         # The port is only free until someone else binds it: retry with a new one.
@@ -346,6 +347,7 @@ class MariaDBServer(PrivateServer):
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C in pytest must not kill it before teardown
+            env=system_env(),
             # Only a prctl() call, safe enough between fork and exec.
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )

@@ -42,6 +42,13 @@ def stop_process(
             proc.wait()
 
 
+def system_env() -> dict[str, str]:
+    """This process's environment for a system program: without ``LD_PRELOAD``, which
+    the Connector/Python C extension's session sets to its own newer OpenSSL (the
+    system's ``openssl`` refuses to start with it)."""
+    return {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+
+
 def make_certificate(directory: Path, owner: pwd.struct_passwd | None = None) -> Path | None:
     """A self-signed certificate and key (``server.crt``, ``server.key``, mode 0600) in
     ``directory``, for a private server's TLS; ``None`` without ``openssl`` (installed
@@ -70,6 +77,7 @@ def make_certificate(directory: Path, owner: pwd.struct_passwd | None = None) ->
         ],
         check=True,
         capture_output=True,
+        env=system_env(),
     )
     for path in (key, cert):
         os.chmod(path, 0o600)

@@ -9,7 +9,8 @@ combined at the end and reported for the package.
 
     python -m tests.sessions [--jobs 2] [--drivers mysqlclient,pymysql,connector] [-- PYTEST_ARGS]
 
-``connector`` (MySQL Connector/Python) runs the guard's core only (:data:`CORE_TESTS`).
+``connector`` (MySQL Connector/Python) and ``connector-cext`` (its C extension, where it
+loads) run the guard's core only (:data:`CORE_TESTS`).
 
 ``--jobs 1`` runs them one after the other with live output. Exit status 1 when a session
 failed (or the combined coverage is below the ``fail_under`` of setup.cfg).
@@ -35,8 +36,9 @@ PG_DRIVER = {"mysqlclient": "psycopg", "pymysql": "psycopg2"}
 ENGINE_TESTS = ("tests/test_guard.py", "tests/test_fork.py", "tests/test_faults.py")
 #: Drivers whose session runs only the guard's core (not the whole suite), through their
 #: own Django backend: MySQL Connector/Python (``ENGINE = "mysql.connector.django"``),
-#: pure Python. About 2 minutes on 2 cores.
-CORE_ONLY = {"connector"}
+#: pure Python, and its C extension (``connector-cext``, where it loads). About 2 minutes
+#: each on 2 cores.
+CORE_ONLY = {"connector", "connector-cext"}
 CORE_TESTS = (
     "tests/test_guard.py",
     "tests/test_faults.py",
@@ -44,6 +46,7 @@ CORE_TESTS = (
     "tests/test_fork.py",
     "tests/test_threads.py",
     "tests/test_infra.py",
+    "tests/test_connector.py",
 )
 
 
@@ -62,7 +65,14 @@ def sessions(drivers: list[str], pytest_args: list[str]) -> list[Session]:
     for driver in drivers:
         if driver in CORE_ONLY:
             args = pytest_args or list(CORE_TESTS)
-            found.append(Session(f"{driver}/core", {"DBK_DRIVER": driver}, args))
+            env = {"DBK_DRIVER": driver}
+            if driver == "connector-cext":
+                preload = cext_preload()
+                if preload is None:
+                    print("connector-cext: skipped, Connector/Python's C extension does not load")
+                    continue
+                env.update(preload)
+            found.append(Session(f"{driver}/core", env, args))
             continue
         env = {
             "DBK_DRIVER": driver,
@@ -75,6 +85,28 @@ def sessions(drivers: list[str], pytest_args: list[str]) -> list[Session]:
             env = {"DBK_DRIVER": driver, "DBK_BACKEND": "engine"}
             found.append(Session(f"{driver}/engine", env, list(ENGINE_TESTS)))
     return found
+
+
+def cext_preload() -> dict[str, str] | None:
+    """The environment in which Connector/Python's C extension loads next to Django:
+    ``{}`` as it is, ``{"LD_PRELOAD": ...}`` with the OpenSSL it bundles (on Debian 12
+    the system's OpenSSL 3.0 is older than the one it was built for, and Django imports
+    ``ssl`` first), or ``None`` when it does not load at all."""
+    probe = "import ssl, mysql.connector as m; raise SystemExit(not m.HAVE_CEXT)"
+    base = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    if subprocess.run([sys.executable, "-c", probe], env=base, check=False).returncode == 0:
+        return {}
+    try:
+        import mysql.connector
+    except ImportError:
+        return None
+    vendor = Path(mysql.connector.__file__).parent.parent / "vendor"
+    libs = [vendor / "libssl.so.3", vendor / "libcrypto.so.3"]
+    if not all(lib.exists() for lib in libs):
+        return None
+    env = {"LD_PRELOAD": ":".join(str(lib) for lib in libs)}
+    done = subprocess.run([sys.executable, "-c", probe], env={**base, **env}, check=False)
+    return env if done.returncode == 0 else None
 
 
 def run(session: Session, data_dir: Path, live: bool) -> None:
@@ -99,7 +131,7 @@ def last_line(path: Path) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--drivers", default="mysqlclient,pymysql,connector")
+    parser.add_argument("--drivers", default="mysqlclient,pymysql,connector,connector-cext")
     parser.add_argument("pytest_args", nargs="*")
     args = parser.parse_args()
     todo = sessions(args.drivers.split(","), args.pytest_args)

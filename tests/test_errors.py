@@ -87,6 +87,42 @@ def test_other_errors_are_not_disconnects(exc):
     assert classify(exc) is None
 
 
+@pytest.mark.parametrize(
+    ("name", "errno", "msg", "kind", "not_sent"),
+    [
+        # Its cursor()/ping() on a connection it found closed: nothing was sent.
+        ("OperationalError", -1, "MySQL Connection not available", "closed", True),
+        ("InterfaceError", -1, "MySQL Connection not available", "closed", True),
+        # Its client-side timeouts (3024 is also the server's max_execution_time: the
+        # class tells them apart): the statement may have run.
+        ("ReadTimeoutError", 3024, "The Read Operation timed out", "timeout", False),
+        ("WriteTimeoutError", 3025, "The Write Operation timed out", "timeout", False),
+        # -1 is also its code for usage errors: those are no disconnect.
+        ("InterfaceError", -1, "No result set to fetch from", None, None),
+        ("ProgrammingError", -1, "Use multi=True when executing multiple statements", None, None),
+        ("DatabaseError", 3024, "Query execution was interrupted", None, None),
+    ],
+)
+def test_connector_pythons_own_errors_are_told_apart_by_class_and_code(
+    name, errno, msg, kind, not_sent
+):
+    errors = pytest.importorskip("mysql.connector.errors")
+    found = classify(getattr(errors, name)(msg=msg, errno=errno))
+    if kind is None:
+        assert found is None
+    else:
+        assert found is not None and (found.kind, found.not_sent) == (kind, not_sent)
+
+
+def test_a_1290_for_another_server_option_is_no_read_only_refusal():
+    from django_dbkeepalive.guard.families.mysql_codes import refusal_of
+
+    secure = "The MariaDB server is running with the --secure-file-priv option so it cannot"
+    assert refusal_of(pymysql.err.OperationalError(1290, secure)) is None
+    read_only = "The MariaDB server is running with the --read-only option so it cannot"
+    assert refusal_of(pymysql.err.OperationalError(1290, read_only)) == (1290, "read_only")
+
+
 def _psycopg_errors():
     """psycopg 3's error classes, or a skip in the psycopg2 run (where it is hidden)."""
     return pytest.importorskip("psycopg.errors")

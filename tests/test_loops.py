@@ -18,13 +18,13 @@ from typing import Any
 
 import pytest
 from django.core.management import call_command
-from django.db import connections
+from django.db import connection, connections
 from django.test import override_settings
 
-from django_dbkeepalive import BaseKeepaliveCommand, fresh_connection, refresh_connections
+from django_dbkeepalive import BaseKeepaliveCommand, fresh_connection, guard, refresh_connections
 from testproject.testapp.tasks import write_item
 
-from .conftest import wait_for
+from .conftest import close_connections, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -115,3 +115,25 @@ def test_worker_loops_survive_pauses_and_kills_and_write_each_row_once(
     for loop in loops:  # a new connection after the pause and after the KILL
         assert len({first[loop.recipe], second[loop.recipe], third[loop.recipe]}) == 3
     assert wait_for(lambda: not set(third.values()) & live_ids(server))  # all released
+
+
+def questions() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW SESSION STATUS LIKE 'Questions'")
+        return int(cursor.fetchone()[1])
+
+
+@override_settings(DBKEEPALIVE={"AUTO_GUARD": False, "PEEK_AFTER": 0.05})
+def test_a_connection_opened_unguarded_learns_its_limit_at_the_loops_first_refresh(
+    server,
+) -> None:
+    close_connections()
+    before = questions()  # opened while nothing guarded it: no limit was read
+    time.sleep(0.1)
+    refresh_connections()  # the loop's call: one round trip to learn wait_timeout
+    assert questions() == before + 2  # that read, and this statement
+    wait = float(server.query("SELECT @@GLOBAL.wait_timeout")[0][0])
+    limit, known = guard.idle_limits(connection)
+    assert known == wait and limit is not None and limit < wait
+    assert questions() == before + 3  # known already: nothing more was read
+    close_connections()

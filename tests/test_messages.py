@@ -17,6 +17,7 @@ from testproject.testapp.models import Item
 
 from .conftest import close_connections
 from .proxy import FaultProxy
+from .servers import _free_port as free_port
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
 
@@ -270,3 +271,64 @@ def test_network_evidence_refines_the_wording_only(
     from django_dbkeepalive.guard.causes import network_evidence
 
     assert network_evidence(exc) == evidence
+
+
+def test_too_large_blob_statement_counts_the_blobs_bytes(
+    small_max_allowed_packet, server, raw
+) -> None:
+    Item.objects.create(key="a")
+    with connection.cursor() as cursor, pytest.raises(OperationalError) as caught:
+        cursor.execute(
+            "INSERT INTO testapp_item (`key`, value, created) VALUES (%s, LENGTH(%s), NOW())",
+            ["b", b"\x00" * 300_000],
+        )
+    text = notes(caught.value)
+    assert "This is not a lost connection" in text
+    assert "300," in text  # the blob's bytes, counted as sent
+    Item.objects.create(key="c")
+    assert keys(raw) == ["a", "c"]
+
+
+def test_too_large_executemany_of_an_iterator_says_its_size_is_not_known(
+    small_max_allowed_packet, server, raw
+) -> None:
+    Item.objects.create(key="a")
+    rows = ((f"k{n}", "x" * 100_000) for n in range(3))  # consumed by the driver
+    with connection.cursor() as cursor, pytest.raises(OperationalError) as caught:
+        cursor.executemany(
+            "INSERT INTO testapp_item (`key`, value, created) VALUES (%s, LENGTH(%s), NOW())",
+            rows,
+        )
+    text = notes(caught.value)
+    if caught.value.args[0] == 1153:  # the server's own word for it
+        assert "This is not a lost connection" in text
+        assert "size not known" in text
+    else:  # the server's close seen first (libmariadb): the size cannot tell it apart
+        assert caught.value.args[0] in (2006, 2013)
+        assert "It was not run again" in text
+    Item.objects.create(key="c")
+    assert keys(raw) == ["a", "c"]
+
+
+@override_settings(DBKEEPALIVE={"WAIT_TIMEOUT": 100, "RETRY_CONNECT_FOR": 0})
+def test_too_large_statement_when_the_server_cannot_be_reached_again_says_its_limit_is_unknown(
+    small_max_allowed_packet, server, via_proxy, raw
+) -> None:
+    Item.objects.create(key="a")  # through the proxy; its limit was never read
+    via_proxy.retarget(free_port())  # new connections now fail
+    with connection.cursor() as cursor, pytest.raises(OperationalError) as caught:
+        cursor.execute(
+            "INSERT INTO testapp_item (`key`, value, created) VALUES (%s, LENGTH(%s), NOW())",
+            ["b", "x" * 200_000],
+        )
+    text = notes(caught.value)
+    if caught.value.args[0] == 1153:  # the server said why: the size is the reason
+        assert "max_allowed_packet (not known here)" in text
+        assert "It was not sent again" in text
+    elif caught.value.args[0] == 2006:  # closed as it was sent: re-run, if it could connect
+        assert "connecting again to re-run the statement failed" in text
+    else:  # its reply lost (2013): never run again
+        assert "It was not run again" in text
+    via_proxy.retarget(server.port)  # reachable again: the next statement reconnects
+    Item.objects.create(key="c")
+    assert keys(raw) == ["a", "c"]

@@ -409,3 +409,58 @@ def test_a_pooled_connection_the_server_terminated_is_never_handed_out_again(
     finally:
         db.close_pool()
     assert keys(postgres) == [f"turn-{turn}" for turn in range(4)]
+
+
+@override_settings(DBKEEPALIVE={"PEEK_AFTER": 1000})
+def test_a_read_sent_past_idle_in_transaction_timeout_raises_naming_that_timeout(
+    postgres: PostgresServer, pg: Any, pg_driver: str
+) -> None:
+    # No look before the read (PEEK_AFTER): it is sent, and the server's error says why.
+    postgres.set_system("idle_in_transaction_session_timeout", "500ms")
+    fresh_session(pg)
+    with pytest.raises(ConnectionLostInTransaction) as info:
+        with transaction.atomic(using="pg"):
+            insert(pg, "in-block")
+            time.sleep(0.8)
+            with pg.cursor() as cursor:
+                cursor.execute("SELECT 1")
+    message = str(info.value)
+    if pg_driver == "psycopg":  # psycopg2 reports the close without the server's SQLSTATE
+        assert "closed it for inactivity (its idle_in_transaction_session_timeout)" in message
+        assert info.value.cause == "idle_timeout"
+    assert keys(postgres) == []
+    insert(pg, "after-block")
+    assert keys(postgres) == ["after-block"]
+
+
+def test_without_autocommit_reading_the_limits_leaves_no_transaction_open(
+    postgres: PostgresServer, pg: Any
+) -> None:
+    postgres.set_system("idle_session_timeout", "30s")
+    pg.close()
+    pg.settings_dict["AUTOCOMMIT"] = False
+    try:
+        pg.ensure_connection()
+        assert guard.idle_limits(pg)[1] == 30.0  # read as it opened
+        conn = pg.connection
+        pid = conn.info.backend_pid if hasattr(conn, "info") else conn.get_backend_pid()
+        # The read opened a transaction (autocommit off) and ended it: the session is idle.
+        [(state,)] = postgres.query(f"SELECT state FROM pg_stat_activity WHERE pid = {pid:d}")
+        assert state == "idle"
+    finally:
+        pg.close()
+        pg.settings_dict["AUTOCOMMIT"] = True
+
+
+def test_a_connection_opened_unguarded_learns_its_limits_when_asked(
+    postgres: PostgresServer, pg: Any
+) -> None:
+    postgres.set_system("idle_session_timeout", "20s")
+    pg.close()
+    with override_settings(DBKEEPALIVE={"AUTO_GUARD": False}):
+        pg.ensure_connection()
+        state = guard.state_of(pg)
+        assert state is None or state.wait is None  # nothing was read as it opened
+        limit, wait = guard.idle_limits(pg)
+    assert wait == 20.0 and limit is not None and limit < 20.0
+    pg.close()

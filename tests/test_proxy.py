@@ -8,10 +8,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from django.db import OperationalError, connection, transaction
+from django.db import OperationalError, ProgrammingError, connection, transaction
 from django.test import override_settings
 
-from django_dbkeepalive import ConnectionLostInTransaction, guard
+from django_dbkeepalive import ConnectionLostInTransaction, guard, refresh_connections
 from django_dbkeepalive.signals import connection_recycled
 from testproject.testapp.models import Item
 
@@ -370,3 +370,55 @@ def test_a_session_of_a_restarted_server_is_never_killed_by_id(
     finally:
         for c in bystanders:
             c.close()
+
+
+@override_settings(DBKEEPALIVE={"WAIT_TIMEOUT": 100, "PING_AFTER": 0.5})
+def test_a_failed_ping_inside_a_transaction_raises_connection_lost_in_transaction(
+    via_proxy: FaultProxy, db_options, raw: Raw
+) -> None:
+    db_options(read_timeout=1)
+    Item.objects.count()
+    with pytest.raises(ConnectionLostInTransaction) as caught:
+        with transaction.atomic():
+            Item.objects.create(key="a")
+            via_proxy.blackhole()
+            time.sleep(0.7)  # past PING_AFTER: the next statement pings first
+            Item.objects.create(key="b")
+    assert "lost inside a transaction" in str(caught.value)
+    assert caught.value.__cause__ is not None and caught.value.__cause__.args[0] == 2013
+    assert keys(raw) == []  # nothing of it was committed
+    Item.objects.create(key="after")  # the block is left: a new flow
+    assert keys(raw) == ["after"]
+
+
+@override_settings(DBKEEPALIVE={"WAIT_TIMEOUT": 100})
+def test_a_read_re_run_that_fails_for_another_reason_raises_that_error(
+    via_proxy: FaultProxy,
+) -> None:
+    # A temporary table lives in its session: the read's re-run on a new session cannot
+    # find it, and that error (not a lost connection) reaches the caller.
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TEMPORARY TABLE scratch (id INT)")
+        via_proxy.cut_after_next_client_write()
+        with pytest.raises(ProgrammingError) as caught:
+            cursor.execute("SELECT COUNT(*) FROM scratch")
+    assert via_proxy.wait_cut()
+    assert caught.value.args[0] == 1146
+    assert len(via_proxy.flows) == 2  # run once more, on a new flow
+    assert Item.objects.count() == 0
+
+
+@override_settings(DBKEEPALIVE={"AUTO_GUARD": False, "PEEK_AFTER": 0.05})
+def test_a_loops_refresh_on_a_silently_dropped_flow_replaces_it_within_read_timeout(
+    via_proxy: FaultProxy, db_options, raw: Raw, recycles
+) -> None:
+    db_options(read_timeout=1)
+    Item.objects.create(key="a")  # opened while nothing guarded it: no limit was read
+    via_proxy.blackhole()
+    time.sleep(0.1)
+    started = time.monotonic()
+    refresh_connections()  # reading the limit now gets no reply: the flow is dead
+    assert 0.8 < time.monotonic() - started < 3.0
+    assert recycles == ["ping_failed"]
+    Item.objects.create(key="b")  # on a new flow
+    assert keys(raw) == ["a", "b"]

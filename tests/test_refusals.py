@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from django.db import OperationalError, connections, transaction
+from django.test import override_settings
 
 from django_dbkeepalive import ConnectionLostInTransaction
 from django_dbkeepalive.testing import record_recycles
@@ -23,6 +24,7 @@ from django_dbkeepalive.testing import record_recycles
 from .conftest import extra_alias
 from .mariadb import MariaDBServer
 from .proxy import FaultProxy
+from .servers import _free_port as free_port
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
 
@@ -189,3 +191,59 @@ def test_the_node_role_appears_in_the_log_once_per_replacement(
     lines = [r.getMessage() for r in caplog.records if "refused it" in r.getMessage()]
     assert len(lines) == 1
     assert "'app'" in lines[0] and "read_only" in lines[0]
+
+
+@override_settings(DBKEEPALIVE={"RETRY_CONNECT_FOR": 0})
+def test_a_refused_write_whose_reconnect_fails_says_it_never_ran(server, endpoint):
+    thread_id()
+    server.set_global("read_only", 1)
+    endpoint.retarget(free_port())  # the endpoint now leads nowhere
+    with pytest.raises(OperationalError) as caught:
+        write("nowhere")
+    assert caught.value.args[0] in (2002, 2003, 2013, -1)  # could not connect
+    notes = "\n".join(getattr(caught.value, "__notes__", []))
+    assert "It never ran, and connecting again to run it failed" in notes
+    assert rows(server) == []
+    server.set_global("read_only", 0)
+    endpoint.retarget(server.port)
+    write("back")
+    assert rows(server) == ["back"]
+
+
+def test_a_refused_statement_that_fails_otherwise_on_the_new_node_raises_that_error(
+    server, standby, endpoint
+):
+    table = "only_on_the_old_primary"
+    server.query(f"CREATE TABLE IF NOT EXISTS {DB}.{table} (k VARCHAR(40))")
+    standby.query(f"DROP TABLE IF EXISTS {DB}.{table}")
+    try:
+        thread_id()
+        server.set_global("read_only", 1)
+        endpoint.retarget(standby.port)
+        with pytest.raises(Exception) as caught:
+            with connections["app"].cursor() as cursor:
+                cursor.execute(f"INSERT INTO {table} (k) VALUES ('x')")
+        assert caught.value.args[0] == 1146  # the new node's own answer, not the refusal
+        assert "doesn't exist" in str(caught.value)
+        assert server.query(f"SELECT COUNT(*) FROM {DB}.{table}") == [(0,)]
+    finally:
+        server.set_global("read_only", 0)
+        server.query(f"DROP TABLE IF EXISTS {DB}.{table}")
+
+
+def test_a_node_whose_transactions_are_all_read_only_is_a_refusing_node(server, endpoint):
+    # 1792 from a node-wide read-only transaction default (tx_read_only), unlike the
+    # application's own START TRANSACTION READ ONLY: the node cannot serve writes.
+    server.set_global("tx_read_only", 1)
+    try:
+        connections["app"].close()  # new sessions take the global default
+        with pytest.raises(OperationalError) as caught:
+            write("read-only-default")
+        assert caught.value.args[0] == 1792
+        notes = "\n".join(getattr(caught.value, "__notes__", []))
+        assert "It was sent again once on a new connection" in notes
+    finally:
+        server.set_global("tx_read_only", 0)
+    connections["app"].close()
+    write("writable-again")
+    assert rows(server) == ["writable-again"]

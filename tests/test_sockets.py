@@ -10,11 +10,14 @@ import socket
 from pathlib import Path
 
 import pytest
-from django.db import connection
+from django.db import connection, connections
+from django.test import override_settings
 
 from django_dbkeepalive import guard
-from django_dbkeepalive.testing import expire_connection
+from django_dbkeepalive.testing import expire_connection, kill_connection, record_recycles
 from testproject.testapp.models import Item
+
+from .conftest import extra_alias
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -62,6 +65,7 @@ def test_a_descriptor_number_that_now_names_another_file_is_never_touched(
         # The driver's socket is closed behind its back and its number given to a file
         # of ours (as when another thread opens one after the driver closed its socket).
         os.dup2(ours.fileno(), fd)
+        assert guard.socket_family(connection) is None  # no longer the recorded socket
         guard.notice_at_next_statement(connection)
         assert Item.objects.count() == 0  # on a new connection, sent there once
         assert server.connections_total() == before + 1
@@ -71,3 +75,37 @@ def test_a_descriptor_number_that_now_names_another_file_is_never_touched(
         ours.seek(0)
         assert ours.read() == b"ours"
     connection.close()
+
+
+def local_thread_id(alias: str) -> int:
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SELECT CONNECTION_ID()")
+        return int(cursor.fetchone()[0])
+
+
+@override_settings(DBKEEPALIVE={"WAIT_TIMEOUT": 10, "MARGIN": 2, "TCP_KEEPALIVE": 30})
+def test_over_a_unix_socket_a_connection_idle_past_its_limit_is_pinged_not_replaced(
+    server, caplog
+) -> None:
+    caplog.set_level("WARNING", logger="django_dbkeepalive")
+    if server.socket is None:
+        pytest.skip("an external server: no local socket")
+    with extra_alias("local", HOST=server.socket) as alias:
+        db = connections[alias]
+        old = local_thread_id(alias)
+        assert guard.socket_family(db) == socket.AF_UNIX
+        seen = server.connections_total()
+        # Past the idle limit (8 s): nothing drops a local socket silently, so the guard
+        # asks the server instead of closing a session a long statement may have kept busy.
+        guard.pretend_idle(db, 9.0)
+        with record_recycles(alias) as recycles:
+            assert local_thread_id(alias) == old
+        assert recycles.reasons == []
+        assert server.connections_total() == seen
+        # The peek works there too: a KILL is seen before the next statement is sent.
+        kill_connection(alias)
+        with record_recycles(alias) as recycles:
+            assert local_thread_id(alias) != old
+        assert recycles.reasons == ["disconnected"]
+    # TCP keepalive does not apply to a local socket: asked for, it is skipped quietly.
+    assert "keepalive" not in caplog.text

@@ -135,3 +135,37 @@ def test_a_session_lost_behind_a_proxy_that_moved_is_never_killed(
         close_connections()
         proxy.close()
         end(server, old)
+
+
+def test_a_lost_session_that_ended_before_the_next_connection_is_left_alone(
+    server, db_options, caplog
+):
+    caplog.set_level("DEBUG", logger="django_dbkeepalive")
+    old = lose_to_a_timeout(db_options, server)
+    server.kill(old)  # an administrator (or the server itself) ended it meanwhile
+    assert wait_for(lambda: old not in ids(server), timeout=2.0)
+    assert thread_id() != old  # a new connection; nothing is sent for the old one
+    assert f"previous session {old} not killed: it is gone already" in caplog.text
+    assert "killed the 'default' connection's previous session" not in caplog.text
+
+
+def test_a_session_lost_over_a_unix_socket_is_never_killed(server, db_options, caplog):
+    # Over a local socket the server shows no client address: nothing proves which
+    # session of the user was ours.
+    if server.socket is None:
+        pytest.skip("an external server: no local socket")
+    caplog.set_level("DEBUG", logger="django_dbkeepalive")
+    settings_dict = connection.settings_dict
+    saved = settings_dict["HOST"]
+    close_connections()
+    settings_dict["HOST"] = server.socket
+    old = -1
+    try:
+        old = lose_to_a_timeout(db_options, server)
+        assert thread_id() != old
+        assert old in ids(server)
+        assert f"previous session {old} not killed: not a TCP connection" in caplog.text
+    finally:
+        settings_dict["HOST"] = saved
+        close_connections()
+        end(server, old)

@@ -212,11 +212,11 @@ def add_note(exc: BaseException, text: str) -> None:
     On Python 3.10, which has no ``add_note()``, the note is stored in ``__notes__`` the
     same way (for code and tests that read it), but tracebacks there do not print it.
     """
-    if hasattr(exc, "add_note"):
-        exc.add_note(text)
+    if not hasattr(exc, "add_note"):  # pragma: no cover - Python 3.10 (tox), not make test's
+        notes = getattr(exc, "__notes__", None)
+        if not isinstance(notes, list):
+            notes = []
+        notes.append(text)
+        exc.__notes__ = notes  # type: ignore[attr-defined,unused-ignore]
         return
-    notes = getattr(exc, "__notes__", None)
-    if not isinstance(notes, list):
-        notes = []
-    notes.append(text)
-    exc.__notes__ = notes  # type: ignore[attr-defined,unused-ignore]
+    exc.add_note(text)

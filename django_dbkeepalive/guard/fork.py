@@ -4,7 +4,8 @@ inherited from its parent.
 Owns: the registry of wrappers with an open connection (every thread's, since a child
 has only the forking thread) and what the child does with each right after ``fork()``:
 its socket is pointed at ``/dev/null`` (so the parent's session is untouched), and the
-connection is dropped, or marked lost when the fork happened inside a transaction.
+connection is dropped, or marked lost when the fork happened inside a transaction. A
+connection whose socket the guard cannot reach is never closed nor freed in the child.
 Must never import: the rules or the wrappers.
 """
 
@@ -72,7 +73,7 @@ def _release(db: Any, *, own: bool) -> None:
     state = state_of(db)
     if conn is None or state is None:
         return
-    sockets.detach(state)
+    detached = sockets.detach(state)
     state.family.dropped(db, fork=True)
     if db.in_atomic_block and own:
         # Forked inside a transaction: the child cannot continue it. The next statement
@@ -86,12 +87,29 @@ def _release(db: Any, *, own: bool) -> None:
     state.conn = None
     state.due = -INF
     untrack(db)
-    if own:
+    if not detached:
+        _keep_forever(conn)
+    elif own:
         with contextlib.suppress(Exception):
             conn.close()  # its socket is /dev/null now: frees the descriptor only
-        connection_recycled.send(sender=db.alias, reason="fork", idle=0.0)
     else:
         _inherited.append(conn)
+    if own:
+        connection_recycled.send(sender=db.alias, reason="fork", idle=0.0)
+
+
+def _keep_forever(conn: Any) -> None:
+    """A connection whose socket the guard cannot reach (Connector/Python's C extension
+    keeps it inside libmysqlclient): closing or freeing it, even at the child's exit,
+    would send the server a goodbye on the socket the parent still uses. It is never
+    freed: one more reference that nothing drops."""
+    _inherited.append(conn)
+    try:
+        import ctypes
+
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(conn))
+    except Exception:  # not CPython: the list keeps it until the interpreter's end
+        logger.debug("dbkeepalive: could not pin an inherited connection", exc_info=True)
 
 
 def register() -> None:

@@ -184,6 +184,12 @@ def _check(db: Any, state: ConnectionState, idle: float, in_tx: bool) -> None:
             return  # still inside the server's timeout: the session is alive, go on
     if not pinged and ping_after is not None and idle > ping_after:
         _ping(db, state, idle, in_tx)
+    elif not pinged and state.sock is None and family.watches_socket and family.can_ping:
+        # No socket to peek at (Connector/Python's C extension keeps it inside
+        # libmysqlclient): after a pause, the ping is the peek. Otherwise a session the
+        # server closed while idle would show only when a statement fails, too late to
+        # reconnect if that statement opens a transaction.
+        _ping(db, state, idle, in_tx, reason="disconnected")
 
 
 def _obsolete(db: Any) -> bool:
@@ -198,22 +204,27 @@ def _note_idle(state: ConnectionState, idle: float, limit: float) -> None:
         state.over = (idle, limit)
 
 
-def _ping(db: Any, state: ConnectionState, idle: float, in_tx: bool) -> None:
+def _ping(
+    db: Any, state: ConnectionState, idle: float, in_tx: bool, reason: str = "ping_failed"
+) -> None:
     try:
         state.family.ping(db, state)
     except Exception as exc:
-        connection_failed(db, idle, in_tx, exc)
+        connection_failed(db, idle, in_tx, exc, reason)
 
 
-def connection_failed(db: Any, idle: float, in_tx: bool, exc: BaseException) -> None:
-    """A ping (or a read of the server's limits) failed: the connection is lost."""
+def connection_failed(
+    db: Any, idle: float, in_tx: bool, exc: BaseException, reason: str = "ping_failed"
+) -> None:
+    """A ping (or a read of the server's limits) failed: the connection is lost.
+    ``reason``: the ``connection_recycled`` reason."""
     state: ConnectionState = db._dbkeepalive
     found = classify(exc) or Disconnect(2013, "lost", False, True)
     cause = failure_cause(db, state, found, exc)
     if in_tx:
         mark_lost(db, Disconnect(2013, "lost", False, True), cause)
         raise lost_in_transaction(db, state, cause, idle, code_of(exc)) from exc
-    discard(db, "ping_failed", idle, cause=cause)
+    discard(db, reason, idle, cause=cause)
 
 
 def read_timeout(db: Any, state: ConnectionState) -> float | None:
@@ -233,6 +244,8 @@ def failure_cause(
 ) -> Cause:
     """Why a statement (or ping) failed with a disconnect, as far as can be told."""
     kind = found.kind
+    if kind == "timeout":  # the driver's own timeout class (Connector/Python's)
+        return explain(kind, read_timeout=read_timeout(db, state))
     if exc is not None and kind in ("lost", "network", "gone", "closed"):
         evidence = network_evidence(exc)
         timeout = read_timeout(db, state)

@@ -80,7 +80,14 @@ def _left_lost(
         cause = failure_cause(db, state, found, exc)
     else:
         cause = state.why or explain(found.kind)
-    error = None if ended else lost_in_transaction(db, state, cause, -INF, code_of(exc))
+    # MySQL's "SET autocommit=1" commits the open transaction: sent, with its reply
+    # lost, the work may be saved (never tell the code to run it again as if rolled back).
+    unknown = exc is not None and not found.not_sent
+    error = (
+        None
+        if ended
+        else lost_in_transaction(db, state, cause, -INF, code_of(exc), commit_unknown=unknown)
+    )
     mark_lost(db, found, cause)
     discard(db, "disconnected", -INF, cause=cause)
     db._dbkeepalive.manual = False
@@ -204,9 +211,19 @@ def rolling_back(db: Any, state: ConnectionState) -> None:
 def rollback_failed(db: Any, exc: Exception) -> None:
     """``ROLLBACK`` failed. A node that refuses it (a Galera node outside the primary
     component refuses even that) still rolls back when the connection closes: close it
-    properly, quietly; the next statement gets a new connection. Anything else raises."""
+    properly, quietly. A connection lost under it (a KILL the guard could not see
+    coming: no socket to peek, or a race) took the transaction with it, as when the
+    guard knows it lost beforehand: dropped quietly. Either way the next statement gets
+    a new connection. Anything else raises."""
     state = db._dbkeepalive
-    refused = state.family.refusal(db, state, exc) if state.on else None
-    if refused is None or db.in_atomic_block:
+    if not state.on or db.in_atomic_block:
         raise exc
-    discard(db, refused.kind, 0.0, graceful=True, cause=refused)
+    refused = state.family.refusal(db, state, exc)
+    if refused is not None:
+        discard(db, refused.kind, 0.0, graceful=True, cause=refused)
+        return
+    found = classify(exc)
+    if found is None:
+        raise exc
+    mark_lost(db, found)
+    discard(db, "disconnected", 0.0)

@@ -38,10 +38,11 @@ def is_connector_error(exc: BaseException) -> bool:
 def code_of(exc: BaseException) -> int | None:
     """The error code of the C extension's raw ``MySQLInterfaceError`` (``errno``:
     its ``args`` hold only the text), or ``None``."""
-    if type(exc).__name__ != "MySQLInterfaceError" or not is_connector_error(exc):
-        return None
-    errno = getattr(exc, "errno", None)
-    return errno if isinstance(errno, int) and not isinstance(errno, bool) else None
+    cext = type(exc).__name__ == "MySQLInterfaceError" and is_connector_error(exc)
+    if cext:
+        errno = getattr(exc, "errno", None)
+        return errno if isinstance(errno, int) and not isinstance(errno, bool) else None
+    return None
 
 
 def classify(exc: BaseException, code: int | None) -> Disconnect | None:
@@ -99,7 +100,16 @@ class Connector(Driver):
             return False
 
     def ping(self, conn: Any) -> None:
-        conn.ping(reconnect=False)
+        native = getattr(conn, "_cmysql", None)
+        if native is None:
+            conn.ping(reconnect=False)
+            return
+        # The C extension's ping() returns False for a dead session (its connection's
+        # ping() then returns quietly too): say it the way a lost connection says it.
+        if not native.ping():
+            from mysql.connector import errors
+
+            raise errors.OperationalError(msg="MySQL server has gone away (ping)", errno=2006)
 
     def thread_id(self, conn: Any) -> int | None:
         value = conn.connection_id
@@ -113,11 +123,10 @@ class Connector(Driver):
 
     def accepts_option(self, name: str) -> bool:
         # read_timeout/write_timeout are recent options (9.x): an older release refuses
-        # arguments it does not know, so CLIENT_TIMEOUTS leaves those out.
-        try:
-            from mysql.connector.constants import DEFAULT_CONFIGURATION
-        except Exception:
-            return True
+        # arguments it does not know, so CLIENT_TIMEOUTS leaves those out. (Every
+        # supported release, 8.3 on, has this table.)
+        from mysql.connector.constants import DEFAULT_CONFIGURATION
+
         return name in DEFAULT_CONFIGURATION
 
     def client_library(self, module: Any) -> str | None:

@@ -88,15 +88,15 @@ def _build() -> Any:
         from pymysql import connections
 
         cls = connections.Connection
-        if not callable(getattr(cls, "_create_ssl_ctx", None)):
+        if not callable(getattr(cls, "_create_ssl_ctx", None)):  # pragma: no cover - < 1.2
             return _UNSUPPORTED
         probe = cls(defer_connect=True)
         context = getattr(probe, "ctx", None)
         preferred = probe.ssl is True and getattr(probe, "_ssl_required", True) is False
-    except Exception:  # a PyMySQL that does not look like 1.2: leave it alone
+    except Exception:  # pragma: no cover - a PyMySQL that does not look like 1.2: leave it alone
         logger.debug("dbkeepalive: PyMySQL's TLS context is not cached", exc_info=True)
         return _UNSUPPORTED
-    if context is None or not preferred:
+    if context is None or not preferred:  # pragma: no cover - PyMySQL < 1.2
         return _UNSUPPORTED
     _replace(cls)
     return context
