@@ -8,6 +8,7 @@ with the other drivers.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +34,7 @@ pytestmark = [
 ]
 
 Raw = Callable[..., list[tuple[Any, ...]]]
+CEXT = os.environ.get("DBK_DRIVER") == "connector-cext"
 
 
 def keys(raw: Raw) -> list[str]:
@@ -85,7 +87,8 @@ def test_a_write_that_waits_out_its_read_timeout_is_never_run_again_and_says_so(
     with pytest.raises(Error) as caught:  # its ReadTimeoutError, as Django's Error
         with connection.cursor() as cursor:
             cursor.execute("DO SLEEP(3)")  # not a read: never run again
-    assert caught.value.args[0] == 3024
+    # Its C extension says 2013 (lost), pure Python its ReadTimeoutError's 3024.
+    assert caught.value.args[0] == (2013 if CEXT else 3024)
     notes = " ".join(getattr(caught.value, "__notes__", []))
     assert "no reply within the client's read_timeout (1s)" in notes
     assert "It was not run again, because the server may have applied it" in notes

@@ -205,12 +205,6 @@ def test_a_rollback_sent_on_a_killed_session_lets_the_blocks_own_error_through(s
 
 @UNNOTICED
 def test_an_atomic_block_entered_on_a_killed_session_starts_on_a_new_one(server, raw) -> None:
-    if os.environ.get("DBK_DRIVER") == "connector-cext":
-        pytest.skip(
-            "the C extension's SET autocommit=0 on a killed session reports success: the "
-            "KILL shows at the block's first statement (the guard pings before it after "
-            "PEEK_AFTER: test_an_atomic_block_begun_after_a_kill_while_idle_...)"
-        )
     Item.objects.count()
     victim = kill_connection(notice=False)  # SET autocommit=0 is sent on it
     before = server.connections_total()

@@ -57,7 +57,9 @@ def set_autocommit(db: Any, original: SetAutocommit, autocommit: bool, force: bo
         before(db)
     entering = not autocommit and not in_transaction(db)
     try:
-        return original(db, autocommit, force)
+        result = original(db, autocommit, force)
+        _confirm(db, state, autocommit)
+        return result
     except BaseException as exc:
         retry = None
         found = classify(exc)
@@ -67,6 +69,18 @@ def set_autocommit(db: Any, original: SetAutocommit, autocommit: bool, force: bo
                 return original(db, autocommit, force)
 
         return failed(db, None, exc, retry)
+
+
+def _confirm(db: Any, state: ConnectionState, autocommit: bool) -> None:
+    """A driver that may ignore the error of ``SET autocommit`` (Connector/Python's C
+    extension) raises it now, with the wrapper's mode as it was (as if the call had
+    raised it)."""
+    if ours(db, state) and state.on:
+        try:
+            state.driver.confirm_autocommit(db.connection)
+        except Exception:
+            db.autocommit = not autocommit
+            raise
 
 
 def _left_lost(
@@ -136,7 +150,11 @@ def _leave_manual(
         assert state.cfg is not None
         state.due = state.last + state.cfg.peek_after  # the hot path again
         try:
-            return original(db, True, force)
+            result = original(db, True, force)
+            if not db.run_on_commit:
+                hooks = []  # Django ran them: the confirmation below must not run them again
+            _confirm(db, state, True)
+            return result
         except Exception as exc:
             found = classify(exc)
             if found is None or not leaving_manual(db, state):

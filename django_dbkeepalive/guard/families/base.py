@@ -76,6 +76,10 @@ class Driver:
         reconnects by itself (that would skip Django's session setup)."""
         conn.ping()
 
+    def confirm_autocommit(self, conn: Any) -> None:
+        """After ``SET autocommit`` returned: raise the driver's lost-connection error
+        if the driver may have ignored one (it matters: ``SET autocommit=1`` commits)."""
+
     def thread_id(self, conn: Any) -> int | None:  # pragma: no cover - every MySQL driver's own
         """The server's id of the session (MySQL's thread id), or ``None``."""
         return None

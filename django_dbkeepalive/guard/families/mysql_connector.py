@@ -70,6 +70,9 @@ class Connector(Driver):
     distribution = "mysql-connector-python"
     #: The oldest release whose Django backend supports Django 4.2+.
     minimum_version = (8, 3)
+    #: Its C extension reports a read that waited out read_timeout as 2013, like a close
+    #: (pure Python raises its own ReadTimeoutError, told apart by its class first).
+    timeouts_look_like_closes = True
 
     def fileno(self, conn: Any) -> int | None:
         # Pure Python: conn._socket is its MySQLTCPSocket/MySQLUnixSocket, .sock the
@@ -110,6 +113,18 @@ class Connector(Driver):
             from mysql.connector import errors
 
             raise errors.OperationalError(msg="MySQL server has gone away (ping)", errno=2006)
+
+    def confirm_autocommit(self, conn: Any) -> None:
+        # The C extension ignores the error of its mysql_autocommit() call: on a killed
+        # or cut session, SET autocommit "succeeds". Whether it reached the server is
+        # unknown (=1 commits), so it is reported as lost in flight (2013).
+        native = getattr(conn, "_cmysql", None)
+        if native is not None and not native.ping():
+            from mysql.connector import errors
+
+            raise errors.OperationalError(
+                msg="Lost connection to MySQL server (SET autocommit)", errno=2013
+            )
 
     def thread_id(self, conn: Any) -> int | None:
         value = conn.connection_id
