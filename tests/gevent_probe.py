@@ -13,22 +13,34 @@ a ``SELECT SLEEP(SLEEP)`` (the control: what a blocked hub looks like to the tic
 
 A ticker greenlet measures the longest gap between its ticks (every 10 ms). Prints one
 JSON line of everything observed.
+
+``DBK_GREEN=eventlet``: the same under ``eventlet.monkey_patch()`` (gunicorn's eventlet
+worker), which deletes ``select.poll``.
 """
 
-from gevent import monkey
+import os
 
-monkey.patch_all()
+GREEN = os.environ.get("DBK_GREEN", "gevent")
+if GREEN == "eventlet":
+    import eventlet
+
+    eventlet.monkey_patch()
+    spawn, green_sleep = eventlet.spawn, eventlet.sleep
+else:
+    from gevent import monkey
+
+    monkey.patch_all()
+    import gevent
+
+    spawn, green_sleep = gevent.spawn, gevent.sleep
 
 import json  # noqa: E402
-import os  # noqa: E402
 import select  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+from threading import Event  # noqa: E402  (green under both)
 from typing import Any  # noqa: E402
-
-import gevent  # noqa: E402
-from gevent.event import Event  # noqa: E402
 
 GREENLETS = 20
 WAIT = 6  # the sessions' wait_timeout; the guard's idle limit is WAIT - MARGIN
@@ -39,6 +51,17 @@ IDLE = (WAIT - MARGIN / 2, WAIT + 1.0)
 SLEEP = 2
 
 
+def join(green: Any) -> None:
+    (green.wait if GREEN == "eventlet" else green.join)()
+
+
+def patched() -> bool:
+    modules = ("select", "socket", "thread" if GREEN == "eventlet" else "threading")
+    if GREEN == "eventlet":
+        return all(eventlet.patcher.is_monkey_patched(m) for m in modules)
+    return all(monkey.is_module_patched(m) for m in modules)
+
+
 class Ticker:
     def __init__(self) -> None:
         self.max_gap = 0.0
@@ -47,20 +70,20 @@ class Ticker:
     def run(self) -> None:
         last = time.monotonic()
         while self.running:
-            gevent.sleep(0.01)
+            green_sleep(0.01)
             t = time.monotonic()
             self.max_gap = max(self.max_gap, t - last)
             last = t
 
     def measure(self, func: Any) -> float:
         self.max_gap, self.running = 0.0, True
-        ticker = gevent.spawn(self.run)
-        gevent.sleep(0.05)
+        ticker = spawn(self.run)
+        green_sleep(0.05)
         try:
             func()
         finally:
             self.running = False
-            ticker.join()
+            join(ticker)
         return round(self.max_gap, 3)
 
 
@@ -106,7 +129,7 @@ def main() -> None:
             results[n]["wrapper"] = id(connections["default"])
             results[n]["first"] = write(f"g{n}-first")
             out.append("first")
-            gevent.sleep(IDLE[n % 2])
+            green_sleep(IDLE[n % 2])
             results[n]["idle"] = write(f"g{n}-after-idle")
             out.append("idle")
             reached[n].set()
@@ -121,23 +144,24 @@ def main() -> None:
             connections.close_all()
 
     def wait_for_test() -> None:
-        select.select([sys.stdin], [], [])  # gevent's: the hub keeps running
+        select.select([sys.stdin], [], [])  # the green one: the hub keeps running
         sys.stdin.readline()
 
     fork: dict[str, Any] = {}
 
     def guarded_phases() -> None:
         write("main-before", "long")
-        greenlets = [gevent.spawn(worker, n) for n in range(GREENLETS)]
+        greenlets = [spawn(worker, n) for n in range(GREENLETS)]
         for event in reached:
             event.wait()
         ids = [r.get("idle") for r in results]
         print(json.dumps({"kill": ids}), flush=True)
         wait_for_test()
         killed.set()
-        gevent.wait(reached)
+        for event in reached:
+            event.wait()
         while not all("kill" in r or "error" in r for r in results):
-            gevent.sleep(0.01)
+            green_sleep(0.01)
         # All greenlets hold their connections (idle) while the main one forks.
         fork["parent"] = write("main-fork", "long")
         started = time.monotonic()
@@ -157,7 +181,8 @@ def main() -> None:
         fork["seconds"] = round(time.monotonic() - started, 3)
         fork["greenlets_alive"] = sum(r.get("kill") in live for r in results)
         done.set()
-        gevent.joinall(greenlets)
+        for green in greenlets:
+            join(green)
 
     def sleep_control() -> None:
         with connections["long"].cursor() as cursor:
@@ -170,10 +195,13 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "patched": monkey.is_module_patched("select")
-                and monkey.is_module_patched("socket")
-                and monkey.is_module_patched("threading"),
-                "poll": f"{select.poll.__module__}.{select.poll.__name__}",
+                "patched": patched(),
+                "green": GREEN,
+                "poll": (
+                    f"{select.poll.__module__}.{select.poll.__name__}"
+                    if hasattr(select, "poll")
+                    else None
+                ),
                 "greenlets": results,
                 "fork": fork,
                 "max_gap": guard_gap,
