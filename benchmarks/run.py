@@ -3,10 +3,14 @@
 Alternating rounds; each (mode, case) runs in its own process. Prints a table and writes
 ``benchmarks/results/latest.json``; then runs ``recovery.py`` (recovery after a KILL, a
 restart, N threads at once: ``benchmarks/results/recovery.json``), the Celery count and
-the instruction counts. Modes: ``plain`` (Django alone), ``app`` (with
-django-dbkeepalive), ``health`` (plain Django with ``CONN_HEALTH_CHECKS=True``).
+the instruction counts, and last the load benchmark on real application servers
+(``load_bench.py``: gunicorn, uvicorn, uWSGI under KILLs, an idle expiry and a restart;
+short, about 2.5 minutes; ``--load-long`` for every server in every mode). Modes:
+``plain`` (Django alone), ``app`` (with django-dbkeepalive), ``health`` (plain Django
+with ``CONN_HEALTH_CHECKS=True``).
 
     python benchmarks/run.py [--rounds 5] [--drivers mysqlclient,pymysql] [--no-callgrind]
+        [--no-load | --load-long]
 """
 
 from __future__ import annotations
@@ -69,6 +73,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--drivers", default="mysqlclient,pymysql")
     parser.add_argument("--no-callgrind", action="store_true")
+    parser.add_argument("--no-load", action="store_true", help="skip load_bench.py")
+    parser.add_argument("--load-long", action="store_true", help="load_bench.py --long")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "latest.json")
     args = parser.parse_args()
     drivers = args.drivers.split(",")
@@ -191,6 +197,11 @@ def main() -> None:
             print(
                 "\nvalgrind not installed: skipping instruction counts (apt-get install valgrind)"
             )
+
+    if not args.no_load:
+        print("\nreal application servers under faults (benchmarks/load_bench.py):", flush=True)
+        load = [sys.executable, str(HERE / "load_bench.py"), "--drivers", args.drivers]
+        subprocess.run([*load, *(["--long"] if args.load_long else [])], check=True)
 
 
 if __name__ == "__main__":
