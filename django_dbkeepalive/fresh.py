@@ -74,10 +74,14 @@ def _refresh(aliases: Iterable[str], *, close: bool, end: bool) -> None:
             if db.connection is None:
                 continue
             errors = db.errors_occurred
+            # A manual transaction left behind is closed (rolled back) as _tidy() does:
+            # not a recycle of the connection, whatever its age or errors.
+            manual = db.get_autocommit() != db.settings_dict["AUTOCOMMIT"]
             db.close_if_unusable_or_obsolete()
             # CONN_MAX_AGE = 0 closes at the end of every unit of work: Django's routine,
             # not a recycle worth a signal.
-            if db.connection is None and (errors or db.settings_dict.get("CONN_MAX_AGE")):
+            max_age = db.settings_dict.get("CONN_MAX_AGE")
+            if db.connection is None and not manual and (errors or max_age):
                 guard.notify_closed(db, "ping_failed" if errors else "max_age")
 
 

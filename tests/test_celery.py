@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from celery import Celery, signals
 from celery.app.trace import build_tracer
+from celery.exceptions import Retry
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connection, connections, transaction
 from django.test import modify_settings, override_settings
@@ -316,6 +317,7 @@ def define_tasks(app: Celery) -> Any:
         leave_manual: bool = False,
         pause: bool = False,
         lose: bool = False,
+        retry: bool = False,
         reader: bool = False,
         hold: threading.Event | None = None,
     ) -> int:
@@ -325,10 +327,15 @@ def define_tasks(app: Celery) -> Any:
             count_items()
             expire_connection()  # a slow API call between two statements
         if lose:
-            with transaction.atomic():
-                write_item(key)
-                expire_connection(idle=10**6)  # past wait_timeout inside the transaction
-                write_item(f"{key}-b")
+            try:
+                with transaction.atomic():
+                    write_item(key)
+                    expire_connection(idle=10**6)  # past wait_timeout inside the transaction
+                    write_item(f"{key}-b")
+            except ConnectionLostInTransaction as exc:
+                if retry:  # what `raise self.retry(exc=exc)` raises
+                    raise Retry("lost its transaction", exc=exc) from None
+                raise
         thread_id = write_item(key)
         if hold is not None:
             hold.wait(10)
@@ -337,7 +344,9 @@ def define_tasks(app: Celery) -> Any:
             transaction.set_autocommit(False)
         return thread_id
 
-    return build_tracer(write.name, write, app=app, eager=False)
+    tracer = build_tracer(write.name, write, app=app, eager=False)
+    tracer.task = write  # type: ignore[attr-defined]
+    return tracer
 
 
 def run_task(trace: Any, key: str, **kwargs: Any) -> Any:
@@ -566,3 +575,110 @@ def test_install_after_worker_init_takes_over_from_celerys_worker_fixup(caplog):
     finally:
         uninstall_worker_fixup(plain)
         uninstall_worker_fixup(fixup.worker_fixup)
+
+
+def test_a_task_that_retries_after_losing_its_transaction_is_reported_as_lost(traced, caplog, raw):
+    outcomes: list[Any] = []
+
+    def postrun(retval: Any = None, state: Any = None, **kwargs: Any) -> None:
+        outcomes.append((state, retval))
+
+    signals.task_postrun.connect(postrun, weak=False)
+    try:
+        with caplog.at_level(logging.WARNING, logger="django_dbkeepalive"):
+            traced.outcome("lost-retry", lose=True, retry=True)
+    finally:
+        signals.task_postrun.disconnect(postrun)
+    [(state, retval)] = outcomes
+    assert state == "RETRY" and isinstance(retval, Retry)
+    assert isinstance(retval.exc, ConnectionLostInTransaction)
+    [record] = [r for r in caplog.records if r.name == "django_dbkeepalive"]
+    message = record.getMessage()
+    assert "the Celery task inproc.write held a database connection idle past its limit" in (
+        message
+    )
+    assert "The task's transaction was lost with the connection" in message
+    assert counts(raw) == {}
+    assert traced.run("after-retry") > 0
+
+
+def test_an_eager_task_runs_on_the_callers_connection_and_in_its_transaction(traced, raw):
+    task = traced.trace.task
+    connection.ensure_connection()
+    mine = connection.connection
+    with assert_recycles(0):
+        with transaction.atomic():
+            first = task.apply(args=["eager-0"]).get()
+            transaction.set_rollback(True)  # the caller's transaction, not the task's
+        second = task.apply(args=["eager-1"]).get()
+    assert first == second
+    assert connection.connection is mine  # not closed or tidied around the eager task
+    assert counts(raw) == {"eager-1": (1, second)}
+
+
+def test_a_task_that_started_before_a_late_install_finishes_normally(raw):
+    app = Celery("late-running", set_as_current=False)
+    [fixup] = app._fixups
+    signals.import_modules.send(sender=app)
+    worker = type("Worker", (), {"app": app, "pool_cls": "celery.concurrency.solo:TaskPool"})
+    signals.worker_init.send(sender=worker())  # Celery's worker fix-up is installed
+    plain = fixup.worker_fixup
+    trace = define_tasks(app)
+    hold = threading.Event()
+    results: list[Any] = []
+
+    def pool_thread() -> None:
+        try:
+            results.append(run_task(trace, "early", hold=hold))
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=pool_thread)
+    try:
+        thread.start()
+        assert wait_for(lambda: "early" in counts(raw))  # its prerun was Celery's
+        install(app)  # takes over while the task runs: its postrun is ours
+        hold.set()
+        thread.join()
+        [result] = results
+        assert result.info is None, result
+        assert "early-after-hold" in counts(raw)
+        first = run_task(trace, "next-0").retval
+        assert run_task(trace, "next-1").retval == first  # ours from here on: kept
+    finally:
+        hold.set()
+        thread.join()
+        uninstall_worker_fixup(plain)
+        uninstall_worker_fixup(fixup.worker_fixup)
+
+
+def test_a_worker_fixup_without_the_guard_says_why_and_leaves_connections_alone(caplog, server):
+    guard.uninstall()
+    try:
+        with pytest.raises(ImproperlyConfigured) as caught:
+            install(Celery("no-guard-install", set_as_current=False))
+        assert "but it is not installed in this process any more" in str(caught.value)
+        with caplog.at_level(logging.ERROR, logger="django_dbkeepalive"):
+            fixup = KeepaliveWorkerFixup(Celery("no-guard", set_as_current=False)).install()
+        try:
+            [record] = [r for r in caplog.records if r.name == "django_dbkeepalive"]
+            assert record.levelno == logging.ERROR
+            assert record.getMessage().startswith(
+                "dbkeepalive: django_dbkeepalive.contrib.celery.install(app) needs "
+                "django-dbkeepalive's connection guard, but it is not installed in this "
+                "process any more"
+            )
+            assert record.getMessage().endswith("Until then, Celery closes every connection.")
+            # A prefork child exits: without the guard, the fix-up leaves its
+            # connections to Celery's own handling.
+            connection.ensure_connection()  # (install() closed them, as Celery's does)
+            mine = connection.connection
+            signals.worker_process_shutdown.send(sender=None, pid=0, exitcode=0)
+            assert connection.connection is mine
+        finally:
+            uninstall_worker_fixup(fixup)
+    finally:
+        guard.install()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT CONNECTION_ID()")
+        assert int(cursor.fetchone()[0]) in {int(p["id"]) for p in server.processlist()}

@@ -480,6 +480,27 @@ def test_small_max_allowed_packet_warns_and_says_why(packet_size):
     assert ours(["default"]) == []
 
 
+def test_a_max_allowed_packet_in_kib_is_shown_in_kib(packet_size):
+    packet_size(1025 * 1024)  # the server keeps it a multiple of 1024
+    [found] = ours(["default"])
+    assert found.id == "dbkeepalive.W004"
+    assert "max_allowed_packet is 1025 KiB (1049600 bytes), below 16 MiB" in found.msg
+
+
+def test_an_unreachable_unix_socket_is_named_in_the_warning(server, tmp_path):
+    path = str(tmp_path / "mysqld.sock")  # nothing listens there
+    options = {"unix_socket": path, "connect_timeout": 2, "read_timeout": 5}
+    with (
+        override_settings(DBKEEPALIVE={"RETRY_CONNECT_FOR": 0}),
+        extra_alias("down", HOST="localhost", PORT="", OPTIONS=options) as alias,
+    ):
+        found = ours([alias])
+    assert ids(found) == ["dbkeepalive.W005"]
+    assert f"Database 'down': could not connect to the server at unix socket {path} " in (
+        found[0].msg
+    )
+
+
 def test_unreachable_server_gives_one_clear_warning_and_no_password(server):
     with down_alias(PASSWORD=server.password) as alias:
         port = connections[alias].settings_dict["PORT"]

@@ -125,6 +125,40 @@ class PlainInterrupted(BaseCommand):
         raise KeyboardInterrupt
 
 
+class Terminated(BaseKeepaliveCommand):
+    """Writes a row, then gets SIGTERM; its own cleanup blocks SIGTERM, so the signal the
+    command sends itself again stays pending instead of ending the test run."""
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        write_own_connection_id("terminated")
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # (the handler raises as soon as the signal is handled)
+        finally:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
+def test_sigterm_in_process_closes_the_connection_then_sends_sigterm_again(raw, server):
+    # As a process it dies of that second SIGTERM (see the SIGTERM test below); here it
+    # is blocked, so it stays pending and the command's exception gets out.
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    try:
+        started = time.monotonic()
+        with pytest.raises(BaseException) as caught:
+            call_command(Terminated())
+        assert type(caught.value).__name__ == "_Terminated"
+        assert time.monotonic() - started < 4  # the pause did not run to its end
+        assert signal.SIGTERM in signal.sigpending()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # its handler is gone
+        assert connection.connection is None
+        [(_, tid)] = rows(raw)
+        assert gone(server, {tid})
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # drops the pending one
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def test_connections_are_closed_on_keyboard_interrupt_in_process(raw, server):
     with pytest.raises(KeyboardInterrupt):
         call_command(Interrupted())

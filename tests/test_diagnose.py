@@ -649,3 +649,51 @@ def test_without_a_mysql_driver_check_and_dbkeepalive_say_so_without_a_traceback
     [db] = doc["databases"]
     assert db["server"]["error_kind"] == "backend"
     assert [i["id"] for i in db["issues"]] == ["dbkeepalive.E005"]
+
+
+def test_the_table_lists_settings_errors_first_with_their_hints():
+    with override_settings(DBKEEPALIVE={"MARGIN": -1}):
+        result = run("--database", "default")
+    assert result.code == 1
+    lines = result.out.splitlines()
+    assert lines[0] == "Settings"
+    assert lines[1].startswith("  (dbkeepalive.E003) DBKEEPALIVE['MARGIN'] is -1; it must be")
+    assert lines[2].startswith("      HINT: Set DBKEEPALIVE['MARGIN'] to ")
+    assert rows(result.out)["guard"] == "unknown: DBKEEPALIVE is invalid (see Settings above)"
+
+
+def test_probe_in_the_table_for_an_alias_it_cannot_reach_says_it_was_skipped(server):
+    with down_alias() as down:
+        result = run("--probe", "--database", down)
+    assert result.code == 2
+    probe = rows(result.out, down)["probe"]
+    assert probe.startswith("skipped: ")
+    assert "server connections" not in probe and "turned the guard on" not in probe
+
+
+def test_run_probe_reports_a_connection_the_server_did_not_close(server):
+    from django_dbkeepalive.diagnose.probe import run_probe
+
+    # Idle well below its session wait_timeout: as behind a proxy that keeps the flow.
+    result = run_probe("default", wait_timeout=60, idle=0.2)
+    assert (result.ran, result.outcome, result.recovered) == (True, "not_closed", True)
+    assert result.connection_id_after == result.connection_id_before
+    assert result.reasons == [] and result.error is None
+    assert result.detail == (
+        f"connection {result.connection_id_before} was still open after "
+        f"{result.idle_seconds:g} s idle with wait_timeout 60 s (a proxy between the "
+        "application and the server?); nothing to recover"
+    )
+    assert result.idle_seconds >= 0.2
+
+
+def test_run_probe_on_an_unreachable_server_says_it_could_not_run(server, no_password_anywhere):
+    from django_dbkeepalive.diagnose.probe import run_probe
+
+    with down_alias() as down, override_settings(DBKEEPALIVE={"RETRY_CONNECT_FOR": 0}):
+        result = run_probe(down, idle=0.1)
+    no_password_anywhere += [result.detail]
+    assert (result.outcome, result.recovered) == ("failed", False)
+    assert result.connection_id_before is None
+    assert result.error is not None and re.match(r"OperationalError: \(200[23]\b", result.error)
+    assert result.detail == f"the probe could not run: {result.error}"

@@ -259,3 +259,99 @@ def test_checks_inside_a_unit_of_work_keep_a_healthy_conn_max_age_0_connection(
     with fresh_connection():
         Item.objects.count()
     assert connection.connection is None  # the end of a unit of work releases it
+
+
+def test_fresh_connection_shows_its_arguments():
+    assert repr(fresh_connection(("default",), close=True)) == (
+        "fresh_connection(using=['default'], close=True)"
+    )
+    assert repr(fresh_connection()) == "fresh_connection(using=None, close=False)"
+
+
+def test_a_manual_transaction_going_on_is_left_alone_when_a_unit_of_work_starts(raw):
+    transaction.set_autocommit(False)
+    try:
+        Item.objects.create(key="manual")
+        before = thread_id()
+        with fresh_connection():
+            Item.objects.create(key="inside")
+            assert thread_id() == before
+            assert raw("SELECT COUNT(*) FROM testapp_item")[0][0] == 0  # not committed yet
+            transaction.commit()
+            transaction.set_autocommit(True)
+    finally:
+        if connection.connection is not None and not connection.get_autocommit():
+            transaction.rollback()
+            transaction.set_autocommit(True)
+    assert [r[0] for r in raw("SELECT `key` FROM testapp_item ORDER BY id")] == [
+        "manual",
+        "inside",
+    ]
+
+
+def test_a_manual_transaction_left_open_by_a_unit_of_work_is_rolled_back_silently(
+    conn_max_age, raw
+):
+    from django_dbkeepalive.testing import record_recycles
+
+    conn_max_age(60)  # nothing to do with its age: not reported as "max_age"
+    with record_recycles() as log:
+        with fresh_connection():
+            transaction.set_autocommit(False)
+            Item.objects.create(key="left")
+    assert connection.connection is None
+    assert log == []
+    assert raw("SELECT COUNT(*) FROM testapp_item")[0][0] == 0
+
+
+def test_a_connection_killed_during_a_unit_of_work_is_released_at_its_end(server):
+    from django_dbkeepalive.testing import kill_connection, record_recycles
+
+    with record_recycles() as log:
+        with fresh_connection():
+            Item.objects.count()
+            killed = kill_connection()
+    assert connection.connection is None  # not handed dead to the next unit of work
+    assert log.reasons == ["disconnected"]
+    assert killed not in {int(p["id"]) for p in server.processlist()}
+
+
+def bad_statement() -> None:
+    from django.db import ProgrammingError
+
+    with pytest.raises(ProgrammingError):
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT * FROM no_such_table")
+
+
+def test_a_connection_with_errors_is_pinged_kept_when_alive_replaced_when_not(
+    via_proxy, db_options
+):
+    from django_dbkeepalive import refresh_connections
+    from django_dbkeepalive.testing import record_recycles
+
+    db_options(read_timeout=1)
+    bad_statement()
+    before = thread_id()
+    with record_recycles() as log:
+        refresh_connections()  # a ping answers: kept, its errors forgotten
+        assert thread_id() == before and not connection.errors_occurred
+        bad_statement()
+        via_proxy.blackhole()  # then the network drops it, silently
+        refresh_connections()  # the ping gets no answer in read_timeout
+        assert connection.connection is None
+        assert thread_id() != before
+        with fresh_connection():
+            bad_statement()
+            via_proxy.blackhole()
+        assert connection.connection is None  # the end of the unit of work pinged too
+    assert log.reasons == ["ping_failed", "ping_failed"]
+
+
+def test_the_package_lists_its_public_names():
+    import django_dbkeepalive
+
+    names = dir(django_dbkeepalive)
+    assert set(django_dbkeepalive.__all__) <= set(names)
+    assert {"fresh_connection", "keepalive_job", "BaseKeepaliveCommand"} <= set(names)
+    assert names == sorted(names)

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from asgiref.sync import async_to_sync, iscoroutinefunction
+from asgiref.sync import async_to_sync, iscoroutinefunction, sync_to_async
 from django.db import IntegrityError, OperationalError, connection
 from django.http import HttpRequest, HttpResponse
-from django.test import AsyncClient, Client, override_settings
+from django.test import AsyncClient, Client, RequestFactory, override_settings
 
 from django_dbkeepalive.middleware import KeepaliveMiddleware
+from django_dbkeepalive.testing import assert_recycles, expire_connection, kill_connection
 from testproject.testapp.models import Item
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -224,3 +226,68 @@ def test_middleware_without_the_app_stops_with_a_clear_error():
         with pytest.raises(ImproperlyConfigured) as caught:
             KeepaliveMiddleware(lambda request: None)
     assert "'django_dbkeepalive' to INSTALLED_APPS" in str(caught.value)
+
+
+def assert_unguarded_now() -> None:
+    """:func:`assert_unguarded` without the pause: after a KILL, this thread's next
+    statement fails (a guarded one would be run on a new connection)."""
+    kill_connection()
+    try:
+        with pytest.raises(OperationalError):
+            Item.objects.count()
+    finally:
+        connection.close()
+
+
+@override_settings(MIDDLEWARE=WITH_MIDDLEWARE, DBKEEPALIVE=GUARD_OFF)
+def test_with_auto_guard_off_the_middleware_guards_an_asgi_streamed_body_until_it_ends(raw):
+    response = asgi_get("/stream/", {"sleep": "0", "key": "astreamed"})
+    assert response.status_code == 200
+    kill_connection()  # the session ends after the view returned, before the body runs
+    with assert_recycles(1, reasons=["disconnected"]):
+        assert b"".join(response.streaming_content) == b"count 0\ndone\n"
+    assert keys(raw) == ["astreamed"]
+    assert_unguarded_now()  # the scope ended with the response
+
+
+@override_settings(DBKEEPALIVE={**GUARD_OFF, **WAIT_4})
+def test_a_request_ended_by_a_base_exception_still_logs_and_ends_guarding(raw, caplog):
+    # KeyboardInterrupt, SystemExit, a gevent Timeout: Django turns only Exception
+    # subclasses into a 500 response, these reach the middleware.
+    def view(request: HttpRequest) -> HttpResponse:
+        Item.objects.create(key="before")
+        expire_connection()  # a slow API call
+        Item.objects.create(key="after")
+        raise KeyboardInterrupt
+
+    caplog.set_level(logging.INFO, logger="django_dbkeepalive")
+    with pytest.raises(KeyboardInterrupt):
+        KeepaliveMiddleware(view)(RequestFactory().get("/export/"))
+    [message] = warnings(caplog)
+    assert message.startswith("dbkeepalive: the request to /export/ held a database connection")
+    assert "'default' idle " in message
+    assert keys(raw) == ["before", "after"]
+    assert_unguarded_now()
+
+
+@override_settings(DBKEEPALIVE={**GUARD_OFF, **WAIT_4})
+def test_an_async_request_cancelled_still_logs_and_ends_guarding(raw, caplog):
+    # The ASGI server cancels the request's task when the client goes away.
+    @sync_to_async
+    def slow_save() -> None:
+        Item.objects.create(key="before")
+        expire_connection()
+        Item.objects.create(key="after")
+
+    async def view(request: HttpRequest) -> HttpResponse:
+        await slow_save()
+        raise asyncio.CancelledError
+
+    caplog.set_level(logging.INFO, logger="django_dbkeepalive")
+    middleware = KeepaliveMiddleware(view)
+    with pytest.raises(asyncio.CancelledError):
+        async_to_sync(middleware)(RequestFactory().get("/async-export/"))
+    [message] = warnings(caplog)
+    assert message.startswith("dbkeepalive: the request to /async-export/ held a database")
+    assert keys(raw) == ["before", "after"]
+    assert_unguarded_now()

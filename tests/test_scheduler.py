@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -155,7 +156,8 @@ def test_keepalive_executor_rejects_an_unknown_alias_when_created():
         KeepaliveThreadPoolExecutor(using="replica")
 
 
-def test_keepalive_executor_is_configurable_by_its_dotted_path(raw):
+def test_keepalive_executor_is_configurable_by_its_dotted_path(raw, caplog):
+    caplog.set_level(logging.INFO, logger="apscheduler.executors")
     path = "django_dbkeepalive.contrib.apscheduler:KeepaliveThreadPoolExecutor"
     scheduler = BackgroundScheduler(
         {"apscheduler.executors.default": {"class": path, "max_workers": "2"}},
@@ -168,3 +170,6 @@ def test_keepalive_executor_is_configurable_by_its_dotted_path(raw):
         assert isinstance(scheduler._lookup_executor("default"), KeepaliveThreadPoolExecutor)
     finally:
         scheduler.shutdown(wait=True)
+    # APScheduler logs the job it runs by its str(): the job's own, not the wrapper's.
+    [job] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Running job")]
+    assert job.startswith('Running job "Writer (trigger: date[')

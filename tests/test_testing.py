@@ -22,6 +22,7 @@ from django_dbkeepalive.testing import (
     TransactionLostWarning,
     assert_recycles,
     expire_connection,
+    faults,
     kill_connection,
     record_recycles,
 )
@@ -271,6 +272,35 @@ def test_helpers_refuse_an_unknown_alias():
             pass
 
 
+def test_helpers_take_one_alias_by_name(server):
+    old = own_id()
+    for helper in (kill_connection, expire_connection):
+        with pytest.raises(TypeError) as caught:
+            helper(["default"])  # type: ignore[arg-type]
+        assert str(caught.value) == (
+            f"django-dbkeepalive: {helper.__name__}() takes one alias, not ['default']"
+        )
+    assert old in live_ids(server)  # nothing was done
+    with assert_recycles(0):
+        assert own_id() == old
+
+
+def test_kill_connection_says_when_the_server_close_never_reaches_the_client(
+    via_proxy, monkeypatch
+):
+    # A proxy that keeps the client's flow open (and silent) after the server ended it.
+    old = own_id()
+    via_proxy.blackhole()
+    monkeypatch.setattr(faults, "KILL_TIMEOUT", 0.3)
+    started = time.monotonic()
+    with pytest.raises(AssertionError) as caught:
+        kill_connection()
+    assert 0.3 <= time.monotonic() - started < 3
+    assert str(caught.value) == (
+        f"django-dbkeepalive: the server did not close connection {old} within 0.3s of KILL {old}"
+    )
+
+
 def test_helpers_refuse_to_run_without_the_guard_before_doing_anything(server):
     old = own_id()
     guard.uninstall()
@@ -334,6 +364,9 @@ def test_assert_recycles_refuses_a_bare_string_or_an_unknown_reason():
     )
     with pytest.raises(TypeError, match="count must be an int"):
         with assert_recycles("1"):  # type: ignore[arg-type]
+            pass
+    with pytest.raises(ValueError, match="count must be 0 or more, not -1"):
+        with assert_recycles(-1):
             pass
 
 

@@ -78,11 +78,10 @@ def seconds(value: float) -> str:
 
 
 def size(value: int) -> str:
+    # max_allowed_packet: the server keeps it a multiple of 1024.
     if value % (1024 * 1024) == 0:
         return f"{value // (1024 * 1024)} MiB"
-    if value % 1024 == 0:
-        return f"{value // 1024} KiB"
-    return f"{value} bytes"
+    return f"{value / 1024:g} KiB"
 
 
 def alias_key(alias: str, key: str) -> str:

@@ -71,7 +71,7 @@ def _warn_lost_transaction(db: Any) -> None:
 
 def _thread_id(db: Any, conn: Any) -> int:
     found = guard.driver_of(db).thread_id(conn)  # each driver names it differently
-    if found is None:
+    if found is None:  # pragma: no cover - every MySQL driver says it for an open connection
         raise RuntimeError(
             f"django-dbkeepalive: the {db.alias!r} connection's driver does not say its "
             "server thread id: kill_connection() cannot KILL it"
@@ -124,18 +124,17 @@ def kill_connection(using: str = "default", *, notice: bool = True) -> int:
     finally:
         killer.close()
     _wait_readable(db, conn, victim)
-    if db.connection is conn:
-        if notice:
-            guard.notice_at_next_statement(db)
-        else:
-            guard.unwatch_until_reconnect(db)
+    if notice:
+        guard.notice_at_next_statement(db)
+    else:
+        guard.unwatch_until_reconnect(db)
     return victim
 
 
 def _wait_readable(db: Any, conn: Any, victim: int) -> None:
     fd = guard.driver_of(db).fileno(conn)
-    if fd is None or fd < 0:
-        return  # the driver already closed its socket: nothing to wait for
+    if fd is None or fd < 0:  # pragma: no cover - Connector/Python's C extension
+        return  # no socket object to wait on (or the driver already closed it)
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLPRI)
     if not poller.poll(KILL_TIMEOUT * 1000):
@@ -191,10 +190,8 @@ def expire_connection(using: str = "default", *, idle: float | None = None) -> f
             "nothing to expire. Connect the tests over TCP (HOST '127.0.0.1'), or use "
             "kill_connection() to test a lost connection."
         )
-    assert limit is not None
+    assert limit is not None and wait is not None  # known together (wait inf: unreadable)
     idle = float(limit) + 0.05 if idle is None else float(idle)
-    if wait is None:
-        wait = float("inf")
     if guard.in_transaction(db) and limit < idle < wait:
         warnings.warn(
             f"django-dbkeepalive: expire_connection() inside a transaction: the {using!r} "
@@ -214,6 +211,6 @@ def _not_tcp(db: Any) -> str:
     """How ``db``'s connection is not a TCP one the kernel reports on."""
     if guard.socket_family(db) == socket.AF_UNIX:
         return "is over a Unix socket"
-    if not hasattr(socket, "TCP_INFO"):
-        return "is on a platform without TCP_INFO (Linux only)"
-    return "has no TCP socket the kernel reports on"
+    if hasattr(socket, "TCP_INFO"):  # pragma: no cover - Connector/Python's C extension
+        return "has no TCP socket the kernel reports on"  # (it has no socket object)
+    return "is on a platform without TCP_INFO (Linux only)"  # pragma: no cover - not Linux
