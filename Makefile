@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DRIVERS := mysqlclient pymysql connector
+DRIVERS := mysqlclient pymysql connector connector-cext
 comma := ,
 PYTEST_ARGS ?=
 APT_PACKAGES := mariadb-server libmariadb-dev pkg-config
@@ -104,9 +104,18 @@ bench: venv ## run the benchmarks
 	$(PY) benchmarks/run.py
 
 SOAK_SECONDS ?= 150
-soak: venv ## soak run under faults, each driver SOAK_SECONDS (150) s; not part of make test
-	@status=0; for d in $(DRIVERS); do \
+SOAK_DRIVERS ?= mysqlclient pymysql connector
+# Then SOAK_FAILOVERS failovers of a replicated pair (soak/failover.py), with the app and
+# with plain Django; 0 skips them. SOAK_FAILOVER_ARGS='--endpoint haproxy --json F' ...
+SOAK_FAILOVERS ?= 5
+SOAK_FAILOVER_ARGS ?=
+soak: venv ## soak under faults SOAK_SECONDS (150) s, then SOAK_FAILOVERS (5) failovers, app and plain, per driver; not in make test
+	@status=0; for d in $(SOAK_DRIVERS); do \
 	  DBK_DRIVER=$$d $(PY) -m soak.run --seconds $(SOAK_SECONDS) $(SOAK_ARGS) || status=1; \
+	  [ "$(SOAK_FAILOVERS)" = 0 ] || for m in app plain; do \
+	    DBK_DRIVER=$$d $(PY) -m soak.failover --failovers $(SOAK_FAILOVERS) --mode $$m \
+	      $(SOAK_FAILOVER_ARGS) || status=1; \
+	  done; \
 	done; exit $$status
 
 # pyenv's interpreters, so tox finds python3.10 ... python3.13 (Django 6.x needs >= 3.12).
@@ -117,10 +126,11 @@ matrix: venv ## the tox matrix: Django 4.2-6.1 x Python 3.10-3.13 x both drivers
 	PATH="$(PYENV_BINS):$$PATH" $(VENV)/bin/tox run-parallel --parallel 2 --parallel-no-spinner $(TOX_ARGS)
 
 # The corners of the matrix, run by .ci/run: the oldest and the newest Python x Django,
-# each with each driver. (The lowest versions, env "minimum", fail 3-8 tests: not yet here.)
-CORNERS := py310-django42-mysqlclient,py310-django42-pymysql,py313-django61-mysqlclient,py313-django61-pymysql
+# each with each driver, and the lowest versions promised (env "minimum": Django 4.2.0,
+# mysqlclient 1.4.3, PyMySQL 1.1.0).
+CORNERS := py310-django42-mysqlclient,py310-django42-pymysql,py313-django61-mysqlclient,py313-django61-pymysql,py310-minimum-mysqlclient,py310-minimum-pymysql
 
-corners: venv ## the matrix's corners: oldest and newest Python x Django, each driver
+corners: venv ## the matrix's corners: oldest and newest Python x Django, lowest versions, each driver
 	@for v in 3.10 3.13; do PATH="$(PYENV_BINS):$$PATH" command -v python$$v >/dev/null || { \
 	  echo "python$$v is missing: the corners need Python 3.10 and 3.13 on PATH" \
 	    "(e.g. pyenv install 3.10 3.13, or Debian/deadsnakes packages python3.10, python3.13)"; \
