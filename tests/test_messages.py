@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from django.db import OperationalError, connection, transaction
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.test import override_settings
 
 from django_dbkeepalive import ConnectionLostInTransaction, fresh_connection, guard
@@ -23,6 +23,11 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
 
 Raw = Callable[..., list[tuple[Any, ...]]]
 SECRET = "s3cret-parameter-value"
+
+
+#: What a statement lost in flight or an unreachable server raises: Connector/Python's
+#: pure-Python driver says it with an InterfaceError, the others an OperationalError.
+LOST_ERRORS = (OperationalError, InterfaceError)
 
 
 def keys(raw: Raw) -> list[str]:
@@ -78,7 +83,7 @@ def test_kill_while_a_write_is_in_flight_says_it_was_not_rerun(server, raw) -> N
         killer = threading.Timer(0.3, server.kill, (victim,))
         killer.start()
         try:
-            with pytest.raises(OperationalError) as caught:
+            with pytest.raises(LOST_ERRORS) as caught:
                 cursor.execute(
                     "INSERT INTO testapp_item (`key`, value, created) SELECT %s, SLEEP(2), NOW()",
                     [SECRET],
@@ -140,7 +145,7 @@ def test_server_down_says_it_cannot_be_reached_and_what_was_lost(server, raw) ->
     try:
         time.sleep(0.2)
         started = time.monotonic()
-        with pytest.raises(OperationalError) as caught:
+        with pytest.raises(LOST_ERRORS) as caught:
             Item.objects.create(key="b")
         assert 1.0 <= time.monotonic() - started < 2.5  # retried for RETRY_CONNECT_FOR
         text = notes(caught.value)
@@ -164,7 +169,10 @@ def test_proxy_reset_while_idle_in_a_transaction(via_proxy: FaultProxy, raw) -> 
         lambda: (via_proxy.reset_all(), time.sleep(0.3)),
     )
     assert "the network connection was reset" in message
-    assert "idle 0.3s; the guard's idle limit is 95.0s, the server's wait_timeout 100s" in message
+    # Slept 0.3 s; a loaded machine may add some tenths.
+    assert re.search(
+        r"idle 0\.[3-9]s; the guard's idle limit is 95\.0s, the server's wait_timeout 100s", message
+    ), message
     assert "proxy, load balancer, firewall" in message
     assert keys(raw) == []
 

@@ -249,13 +249,14 @@ def failure_cause(
     if exc is not None and kind in ("lost", "network", "gone", "closed"):
         evidence = network_evidence(exc)
         timeout = read_timeout(db, state)
-        # Some drivers say the same for a timeout as for a close; the time since the slow
+        # Some drivers say the same for a timeout as for a close (Connector/Python's
+        # cursor() even pings and then says "not available"); the time since the slow
         # path last ran (at most PEEK_AFTER before the statement started) tells a read
         # that waited out read_timeout.
         if (
             evidence is None
             and state.driver.timeouts_look_like_closes
-            and kind == "lost"
+            and kind in ("lost", "closed")
             and timeout
             and now() - state.last >= timeout * 0.95
         ):
