@@ -61,6 +61,8 @@ def diagnostic_connection(alias: str) -> Iterator[Any]:
     wrapper_class = type(connections[alias])
     bounded = diagnostic_settings(settings_dict_of(alias), conf.client_timeouts_for(alias))
     db = wrapper_class(bounded, alias)
+    if guard.is_installed():
+        guard.connect_without_retry(db)
     try:
         yield db
     finally:

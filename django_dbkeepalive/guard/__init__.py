@@ -33,6 +33,7 @@ __all__ = [
     "check_idle",
     "classify",
     "close_connection",
+    "connect_without_retry",
     "disable",
     "driver_of",
     "enable",
@@ -70,6 +71,13 @@ def check_idle(db: Any) -> None:
     if db.connection is None or state is None or state.unguarded or in_transaction(db):
         return
     before(db, force=True)
+
+
+def connect_without_retry(db: Any) -> None:
+    """``db`` connects at once, never riding through an outage (``RETRY_CONNECT_FOR``):
+    the diagnostic connections of the checks and ``manage.py dbkeepalive``, which report
+    an unreachable server rather than wait for it."""
+    state_for(db).no_connect_retry = True
 
 
 def enable(db: Any) -> None:

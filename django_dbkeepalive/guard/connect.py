@@ -147,7 +147,8 @@ def connect(db: Any, original: Callable[[Any], Any]) -> Any:
     first time a setup is lost, then with a backoff from 50 ms to 1 s) until
     ``RETRY_CONNECT_FOR`` seconds after the first failure; never inside an atomic block.
     The error that reaches the caller has a note saying what happened."""
-    window = 0.0 if db.in_atomic_block else conf.for_alias(db.alias).retry_connect_for
+    no_retry = db.in_atomic_block or state_for(db).no_connect_retry
+    window = 0.0 if no_retry else conf.for_alias(db.alias).retry_connect_for
     first_failure: float | None = None
     delay = FIRST_DELAY
     attempts = 0

@@ -102,6 +102,9 @@ class ConnectionState:
     why: Cause | None = None
     #: *Carried*: a lost session the server may still hold open, to end from the next one.
     zombie: Session | None = None
+    #: *Carried*: connect at once, without riding through an outage (a diagnostic
+    #: connection, which reports an unreachable server instead of waiting for it).
+    no_connect_retry: bool = False
 
     def successor(
         self, family: Family, driver: Driver, cfg: AliasSettings | None, conn: Any
@@ -116,6 +119,7 @@ class ConnectionState:
             manual=self.manual,
             over=self.over,
             zombie=self.zombie,
+            no_connect_retry=self.no_connect_retry,
         )
 
 
