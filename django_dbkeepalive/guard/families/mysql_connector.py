@@ -103,28 +103,16 @@ class Connector(Driver):
             return False
 
     def ping(self, conn: Any) -> None:
-        native = getattr(conn, "_cmysql", None)
-        if native is None:
-            conn.ping(reconnect=False)
-            return
         # The C extension's ping() returns False for a dead session (its connection's
         # ping() then returns quietly too): say it the way a lost connection says it.
-        if not native.ping():
-            from mysql.connector import errors
-
-            raise errors.OperationalError(msg="MySQL server has gone away (ping)", errno=2006)
+        if not _checked_natively(conn, 2006, "MySQL server has gone away (ping)"):
+            conn.ping(reconnect=False)
 
     def confirm_autocommit(self, conn: Any) -> None:
         # The C extension ignores the error of its mysql_autocommit() call: on a killed
         # or cut session, SET autocommit "succeeds". Whether it reached the server is
         # unknown (=1 commits), so it is reported as lost in flight (2013).
-        native = getattr(conn, "_cmysql", None)
-        if native is not None and not native.ping():
-            from mysql.connector import errors
-
-            raise errors.OperationalError(
-                msg="Lost connection to MySQL server (SET autocommit)", errno=2013
-            )
+        _checked_natively(conn, 2013, "Lost connection to MySQL server (SET autocommit)")
 
     def thread_id(self, conn: Any) -> int | None:
         value = conn.connection_id
@@ -148,3 +136,17 @@ class Connector(Driver):
         if not getattr(module, "HAVE_CEXT", False):
             return "pure Python (its C extension is not loadable here)"
         return "pure Python or its C extension (OPTIONS use_pure)"
+
+
+def _checked_natively(conn: Any, errno: int, msg: str) -> bool:
+    """A connection of the C extension: ping its native object, raise the driver's
+    ``OperationalError(errno)`` if the session is dead, ``True`` if it is alive.
+    ``False`` for a pure-Python connection (nothing was asked)."""
+    native = getattr(conn, "_cmysql", None)
+    if native is None:
+        return False
+    if not native.ping():
+        from mysql.connector import errors
+
+        raise errors.OperationalError(msg=msg, errno=errno)
+    return True
