@@ -229,7 +229,8 @@ def test_solo_worker_with_using_keeps_celerys_closes_for_the_other_aliases(
     )
     reader_user = server.reader_user if not server.external else server.user
     first = client.call("dbk.read_reader")
-    assert not server.processlist(user=reader_user)  # closed after the task
+    # Celery sends the result before task_postrun closes the connection: wait for it.
+    assert wait_for(lambda: not server.processlist(user=reader_user))  # closed after the task
     writes = [client.call("dbk.write", f"solo-{n}") for n in range(2)]
     assert writes[0][2] == writes[1][2]  # kept from one task to the next
     time.sleep(PAUSE)  # the server closes the worker's idle connection
@@ -415,7 +416,8 @@ def test_aliases_outside_using_are_closed_around_every_task_as_celery_does(serve
         for n in range(3):
             readers.append(app.run(f"r-{n}", reader=True))
             assert connections["reader"].connection is None  # closed after the task
-            assert not server.processlist(user=reader_user)
+            # (the server ends a closed session in its own thread, a moment later)
+            assert wait_for(lambda: not server.processlist(user=reader_user))
         assert len(set(readers)) == 3  # a new connection per task, as Celery's own
         connections["reader"].ensure_connection()  # left open by code between tasks
         killed = kill_connection("reader", notice=False)  # dead, unnoticed (guard off)

@@ -14,6 +14,8 @@ from django.utils.connection import ConnectionDoesNotExist
 from django_dbkeepalive import fresh_connection, keepalive_job
 from testproject.testapp.models import Item
 
+from .conftest import wait_for
+
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
@@ -49,8 +51,6 @@ def test_close_true_releases_connections_on_exit(server):
         tid = thread_id()
         assert tid in [p["id"] for p in server.processlist()]
     assert connection.connection is None
-    from tests.conftest import wait_for
-
     assert wait_for(lambda: tid not in [p["id"] for p in server.processlist()])
 
 
@@ -152,8 +152,6 @@ def test_keepalive_job_closes_obsolete_connections_after_the_job(server):
         return tid
 
     tid = asyncio.run(sync_to_async(run_in_thread, thread_sensitive=False)())
-    from tests.conftest import wait_for
-
     assert wait_for(lambda: tid not in [p["id"] for p in server.processlist()])
 
 
@@ -313,7 +311,7 @@ def test_a_connection_killed_during_a_unit_of_work_is_released_at_its_end(server
             killed = kill_connection()
     assert connection.connection is None  # not handed dead to the next unit of work
     assert log.reasons == ["disconnected"]
-    assert killed not in {int(p["id"]) for p in server.processlist()}
+    assert wait_for(lambda: killed not in {int(p["id"]) for p in server.processlist()})
 
 
 def bad_statement() -> None:

@@ -21,7 +21,7 @@ from django.test import override_settings
 from django_dbkeepalive import ConnectionLostInTransaction
 from django_dbkeepalive.testing import record_recycles
 
-from .conftest import extra_alias
+from .conftest import extra_alias, wait_for
 from .mariadb import MariaDBServer
 from .proxy import FaultProxy
 from .servers import _free_port as free_port
@@ -106,7 +106,7 @@ def test_a_write_refused_by_a_demoted_node_runs_once_on_the_node_the_endpoint_re
     assert rows(server) == [] and rows(standby) == ["after-failover"]
     assert [r.reason for r in recycles] == ["read_only"]
     assert thread_id() != before
-    assert before not in [int(p["id"]) for p in server.processlist()]  # closed properly
+    assert wait_for(lambda: before not in [int(p["id"]) for p in server.processlist()])  # closed
 
 
 def test_a_node_that_refuses_again_gets_the_original_error_naming_its_state(server, endpoint):
