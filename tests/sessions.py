@@ -47,6 +47,7 @@ CORE_TESTS = (
     "tests/test_threads.py",
     "tests/test_infra.py",
     "tests/test_connector.py",
+    "tests/test_messages.py",
 )
 
 

@@ -134,8 +134,17 @@ def explain(
     """
     idle_s = idle if idle is not None and 0 < idle < float("inf") else None
     wait_s = wait if wait is not None and 0 < wait < float("inf") else None
-    if kind == "reset" and idle_s is not None and wait_s is not None and idle_s >= wait_s:
-        kind = "idle_timeout"  # MariaDB resets a connection it closes for inactivity
+    if kind in ("reset", "gone", "lost") and idle_s is not None and wait_s is not None:
+        if idle_s >= wait_s:
+            kind = "idle_timeout"  # MariaDB resets a connection it closes for inactivity
+        elif kind == "gone":
+            return Cause(
+                kind,
+                "the server had already closed the connection: it was killed (KILL), the "
+                "server restarted, or the network reset it (not for inactivity: idle "
+                f"{_seconds(idle_s)}, under the server's {setting} of {wait_s:g}s)",
+                _ADVICE["closed"] + " " + _ADVICE["reset"],
+            )
     if kind == "idle_timeout":
         if idle_s is not None and wait_s is not None:
             what = (

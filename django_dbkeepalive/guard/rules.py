@@ -221,6 +221,11 @@ def connection_failed(
     state: ConnectionState = db._dbkeepalive
     found = classify(exc) or Disconnect(2013, "lost", False, True)
     cause = failure_cause(db, state, found, exc)
+    if cause.kind in ("gone", "lost"):
+        # Without a socket to peek (Connector/Python's C extension) the ping is what
+        # finds the close: the idle time against the server's limit narrows it down.
+        family = state.family
+        cause = explain(cause.kind, idle=idle, wait=state.wait, setting=family.timeout_setting)
     if in_tx:
         mark_lost(db, Disconnect(2013, "lost", False, True), cause)
         raise lost_in_transaction(db, state, cause, idle, code_of(exc)) from exc

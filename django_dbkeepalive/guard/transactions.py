@@ -232,9 +232,10 @@ def rollback_failed(db: Any, exc: Exception) -> None:
     properly, quietly. A connection lost under it (a KILL the guard could not see
     coming: no socket to peek, or a race) took the transaction with it, as when the
     guard knows it lost beforehand: dropped quietly. Either way the next statement gets
-    a new connection. Anything else raises."""
+    a new connection. Anything else raises. A connection the guard found lost in a scope
+    that has ended since (AUTO_GUARD off) is dropped quietly too: that loss was reported."""
     state = db._dbkeepalive
-    if not state.on or db.in_atomic_block:
+    if db.in_atomic_block or not (state.on or state.lost is not None):
         raise exc
     refused = state.family.refusal(db, state, exc)
     if refused is not None:
