@@ -320,31 +320,7 @@ class PostgresServer(PrivateServer):
         if self._account is not None:
             os.chown(self.tmpdir, self._account.pw_uid, self._account.pw_gid)
         started = time.monotonic()
-        initdb = [
-            self._binaries[0],
-            "-D",
-            str(self.tmpdir / "data"),
-            "-U",
-            self.user,
-            "--auth=trust",
-            "-E",
-            "UTF8",
-            "--locale=C",  # whatever the environment's locale: English messages, no surprises
-            "--no-sync",
-        ]
-        res = subprocess.run(
-            initdb,
-            check=False,
-            capture_output=True,
-            text=True,
-            cwd=self.tmpdir,  # our cwd may be unreadable to the server's user
-            env=self._env(),
-            **self._as_account(),
-        )
-        if res.returncode != 0:
-            raise RuntimeError(
-                f"initdb failed (exit {res.returncode}):\n{res.stdout}\n{res.stderr}"
-            )
+        self._run_tool(self._create_data_command())
         self.initdb_seconds = time.monotonic() - started
         self._make_certificate()
         # The port is only free until someone else binds it: retry with a new one.
@@ -359,6 +335,38 @@ class PostgresServer(PrivateServer):
                     raise
                 self.stop()
         self._initialized = True
+
+    def _create_data_command(self) -> list[str]:
+        assert self.tmpdir is not None and self._binaries is not None
+        return [
+            self._binaries[0],
+            "-D",
+            str(self.tmpdir / "data"),
+            "-U",
+            self.user,
+            "--auth=trust",  # initdb's pg_hba.conf then trusts local replication too
+            "-E",
+            "UTF8",
+            "--locale=C",  # whatever the environment's locale: English messages, no surprises
+            "--no-sync",
+        ]
+
+    def _run_tool(self, command: list[str]) -> None:
+        """Run a PostgreSQL tool as the server's account; raise with its output."""
+        res = subprocess.run(
+            command,
+            check=False,
+            capture_output=True,
+            text=True,
+            cwd=self.tmpdir,  # our cwd may be unreadable to the server's user
+            env=self._env(),
+            **self._as_account(),
+        )
+        if res.returncode != 0:
+            name = Path(command[0]).name
+            raise RuntimeError(
+                f"{name} failed (exit {res.returncode}):\n{res.stdout}\n{res.stderr}"
+            )
 
     def _make_certificate(self) -> None:
         """TLS for the tests that ask for it (``sslmode=require``; ``pg_alias`` uses
@@ -426,6 +434,56 @@ class PostgresServer(PrivateServer):
 
     def __repr__(self) -> str:
         return f"<PostgresServer {self.host}:{self.port} running={self.running}>"
+
+
+class PostgresStandby(PostgresServer):
+    """A hot standby of ``primary`` on its own port and data directory: a copy taken
+    with ``pg_basebackup -R``, then streaming replication from the primary. Read-only
+    (writes fail with SQLSTATE 25006) until :meth:`promote`."""
+
+    def __init__(self, primary: PostgresServer) -> None:
+        super().__init__()
+        self.primary = primary
+
+    def _create_data_command(self) -> list[str]:
+        assert self.tmpdir is not None and self._binaries is not None
+        # Beside the real initdb (PATH may hold only links to initdb and postgres).
+        basebackup = str(Path(os.path.realpath(self._binaries[0])).with_name("pg_basebackup"))
+        return [
+            basebackup,
+            "-h",
+            self.primary.host,
+            "-p",
+            str(self.primary.port),
+            "-U",
+            self.primary.user,
+            "-D",
+            str(self.tmpdir / "data"),
+            "-R",  # standby.signal and primary_conninfo
+            "-X",
+            "stream",
+            "--no-sync",
+        ]
+
+    def _make_certificate(self) -> None:
+        self.ssl = False  # the copy's certificate is the primary's: not needed here
+
+    def in_recovery(self) -> bool:
+        return bool(self.query("SELECT pg_is_in_recovery()")[0][0])
+
+    def wait_replayed(self, timeout: float = 10.0) -> None:
+        """Wait until this standby has replayed everything the primary wrote so far."""
+        [(target,)] = self.primary.query("SELECT pg_current_wal_lsn()::text")
+        deadline = time.monotonic() + timeout
+        sql = "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn"
+        while not self.query(sql, (target,))[0][0]:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the standby did not replay {target} in {timeout:.0f}s")
+            time.sleep(0.02)
+
+    def promote(self) -> None:
+        """``pg_promote()``: the standby becomes a primary (waits until it is)."""
+        self.query("SELECT pg_promote(true, 10)")
 
 
 def _literal(value: Any) -> str:

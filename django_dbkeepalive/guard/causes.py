@@ -124,14 +124,22 @@ def explain(
     setting: str = "wait_timeout",
 ) -> Cause:
     """The words for a :class:`Cause` of ``kind`` (the kinds of :class:`Disconnect`,
-    plus ``"closed"``, ``"reset"`` and ``"timeout"``), with what is known: the idle time
-    before the loss, the server's idle timeout ``wait`` (named ``setting``: PostgreSQL's
-    is ``idle_session_timeout``), the client's ``read_timeout``.
+    plus ``"closed"``, ``"reset"``, ``"timeout"`` and ``"hot_standby"``, PostgreSQL's
+    ``"read_only"``), with what is known: the idle time before the loss, the server's
+    idle timeout ``wait`` (named ``setting``: PostgreSQL's is ``idle_session_timeout``),
+    the client's ``read_timeout``.
 
     Example::
 
         explain("killed").what  # 'the server killed the session (KILL ...)'
     """
+    if kind == "hot_standby":  # PostgreSQL's read-only node: a "read_only" cause
+        return Cause(
+            "read_only",
+            "the server refused the statement before running it because it is a hot "
+            "standby (a replica: the endpoint still points at it after a failover)",
+            _ADVICE["read_only"],
+        )
     idle_s = idle if idle is not None and 0 < idle < float("inf") else None
     wait_s = wait if wait is not None and 0 < wait < float("inf") else None
     if kind in ("reset", "gone", "lost") and idle_s is not None and wait_s is not None:

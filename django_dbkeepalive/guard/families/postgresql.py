@@ -4,9 +4,11 @@ Owns: the SQLSTATEs that end a session, ``idle_session_timeout`` and
 ``idle_in_transaction_session_timeout`` read as a connection opens (once per pooled
 connection), what a readable idle socket means (a FATAL error before the close, or a
 LISTEN notification for the driver: the session is fine), and closing the driver's
-connection once its socket is detached, so that Django's pool discards it. No ping: the
-peek sees every session the server ended (it sends a FATAL error, then closes), and
-TCP_KEEPALIVE covers a flow the network dropped.
+connection once its socket is detached, so that Django's pool discards it, and a write
+refused by a hot standby (25006 where the server reports ``in_hot_standby``: the
+endpoint still points at a replica after a failover). No ping: the peek sees every
+session the server ended (it sends a FATAL error, then closes), and TCP_KEEPALIVE covers
+a flow the network dropped.
 Must never import: the rules or the wrappers.
 """
 
@@ -44,6 +46,23 @@ _AMBIGUOUS = {
     "08007": "lost",  # transaction_resolution_unknown
 }
 _CLOSED_BY = {"57P01": "terminated", "57P02": "shutdown", "57P05": "idle_timeout"}
+#: read_only_sql_transaction ("cannot execute INSERT in a read-only transaction"): a
+#: refusal before running the statement, from a hot standby or a read-only transaction.
+_READ_ONLY = "25006"
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    """The SQLSTATE of a psycopg (3) or psycopg2 error, or of the one Django's error
+    wrapper raised it from."""
+    current: BaseException | None = exc
+    for _ in range(6):
+        if current is None:
+            return None
+        if type(current).__module__.startswith("psycopg"):
+            state = getattr(current, "sqlstate", None) or getattr(current, "pgcode", None)
+            return state if isinstance(state, str) and state else None
+        current = current.__cause__
+    return None
 
 
 class Psycopg(Driver):
@@ -58,6 +77,12 @@ class Psycopg(Driver):
             return bool(conn.pgconn.ssl_in_use)
         except Exception:  # pragma: no cover - a psycopg without it (the driver's API)
             return False
+
+    def parameter(self, conn: Any, name: str) -> str | None:
+        """A parameter the server reports to the client (``in_hot_standby``, 14+):
+        known without a round trip, even in a failed transaction."""
+        value = conn.info.parameter_status(name)
+        return None if value is None else str(value)
 
     def read_input(self, conn: Any) -> bool:
         """Let the driver read what the server sent unasked (it buffers it, and keeps
@@ -82,6 +107,10 @@ class Psycopg2(Psycopg):
             return bool(conn.info.ssl_in_use)
         except Exception:  # pragma: no cover - a psycopg2 older than 2.8 (no conn.info)
             return False
+
+    def parameter(self, conn: Any, name: str) -> str | None:
+        value = conn.get_parameter_status(name)
+        return None if value is None else str(value)
 
     def read_input(self, conn: Any) -> bool:
         try:
@@ -243,6 +272,58 @@ class PostgreSQLFamily(Family):
             kind = _CLOSED_BY.get(sqlstate, "gone")
             return explain(kind, idle=idle, wait=state.wait, setting=self.timeout_setting)
         return super().closed_cause(state, what, head, idle)
+
+    # ------------------------------------------------------------ the server
+
+    def refusal(self, db: Any, state: ConnectionState, exc: BaseException) -> Cause | None:
+        """25006 from a hot standby (the endpoint still points at a replica after a
+        failover): it never ran, a primary can run it. Not the application's own
+        read-only transaction (``SET TRANSACTION READ ONLY``,
+        ``default_transaction_read_only``) on a primary, which reconnecting cannot help."""
+        if sqlstate_of(exc) != _READ_ONLY or not self._hot_standby(db, state):
+            return None
+        return explain("hot_standby")
+
+    def _hot_standby(self, db: Any, state: ConnectionState) -> bool:
+        conn = db.connection
+        if conn is None:
+            return False
+        driver = state.driver
+        try:
+            reported = (
+                driver.parameter(conn, "in_hot_standby") if isinstance(driver, Psycopg) else None
+            )
+        except Exception:  # pragma: no cover - the driver's API
+            reported = None
+        if reported is not None:
+            return reported == "on"
+        # A server before 14 does not report it: ask (fails in an aborted transaction,
+        # where the refusal is then raised as it is).
+        try:
+            cursor = conn.cursor()
+            try:
+                cursor.execute("SELECT pg_is_in_recovery()")
+                row = cursor.fetchone()
+            finally:
+                cursor.close()
+        except Exception:  # pragma: no cover - PostgreSQL 13 and older only
+            return False
+        return bool(row and row[0])  # pragma: no cover - PostgreSQL 13 and older only
+
+    def node_state(self, db: Any) -> str:
+        if db.connection is None:
+            return ""
+        state: ConnectionState | None = getattr(db, "_dbkeepalive", None)
+        driver = state.driver if state is not None else None
+        try:
+            value = (
+                driver.parameter(db.connection, "in_hot_standby")
+                if isinstance(driver, Psycopg)
+                else None
+            )
+        except Exception:  # pragma: no cover - the driver's API
+            value = None
+        return "" if value is None else f"in_hot_standby={value}"
 
     def dropped(self, db: Any, *, fork: bool) -> None:
         # Closed by its driver too (its goodbye goes to /dev/null), so that Django's
