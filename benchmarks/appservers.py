@@ -8,6 +8,7 @@ installed.
 ``gthread`` gunicorn, ``-k gthread``, 2 workers x 4 threads
 ``gevent``  gunicorn, ``-k gevent``, 2 workers (greenlets: one per client)
 ``uvicorn`` uvicorn, 2 workers, the ASGI app (async views, the async ORM)
+``daphne``  daphne (Twisted), one process, the ASGI app like uvicorn
 ``uwsgi``   uWSGI, master + 2 processes x 4 threads, ``--http11-socket``
 =========== ================================================================
 
@@ -33,9 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 from tests.servers import _die_with_parent, _free_port  # noqa: E402
 
-SERVERS = ("sync", "gthread", "gevent", "uvicorn", "uwsgi")
-#: Each server's paths for a write and a read (uvicorn: the async views).
-PATHS = {"uvicorn": ("/aw", "/ar")}
+SERVERS = ("sync", "gthread", "gevent", "uvicorn", "daphne", "uwsgi")
+#: Each server's paths for a write and a read (the ASGI servers: the async views).
+PATHS = {"uvicorn": ("/aw", "/ar"), "daphne": ("/aw", "/ar")}
 DEFAULT_PATHS = ("/w", "/r")
 START_TIMEOUT = 60.0
 WORKERS = 2
@@ -55,6 +56,7 @@ def missing(kind: str) -> str | None:
         "gthread": ["gunicorn"],
         "gevent": ["gunicorn", "gevent"],
         "uvicorn": ["uvicorn"],
+        "daphne": ["daphne"],
         "uwsgi": [],
     }[kind]
     for module in needs:
@@ -83,6 +85,13 @@ def command(kind: str, port: int) -> list[str]:
             *("--host", "127.0.0.1", "--port", str(port), "--workers", str(WORKERS)),
             *("--lifespan", "off", "--timeout-keep-alive", "30", "--no-access-log"),
             *("--log-level", "warning"),
+        ]
+    if kind == "daphne":
+        # One process (daphne has no workers option); Twisted keeps idle HTTP/1.1
+        # connections open far longer than a run.
+        return [
+            *(sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)),
+            *("-v", "0", "testproject.asgi:application"),
         ]
     if kind == "uwsgi":
         binary = uwsgi_binary()

@@ -7,7 +7,7 @@ the order driver x server x mode, so the modes of one server run back to back (t
 first with the first driver, last with the second). Prints a table ("steady req/s": the
 first phase, before any fault) and writes ``benchmarks/results/load.json``.
 
-    python benchmarks/load_bench.py [--long] [--servers sync,gthread,gevent,uvicorn,uwsgi]
+    python benchmarks/load_bench.py [--long] [--servers sync,gthread,gevent,uvicorn,daphne,uwsgi]
         [--modes app,persistent,max_age_0] [--drivers mysqlclient,pymysql] [--phase S]
 
 Short mode (the default, about 3 minutes): 1.2 s of load per phase (about 12 s a
@@ -40,6 +40,7 @@ SERVER_NAMES = {
     "gthread": "gunicorn gthread",
     "gevent": "gunicorn gevent",
     "uvicorn": "uvicorn (ASGI)",
+    "daphne": "daphne (ASGI)",
     "uwsgi": "uWSGI",
 }
 

@@ -112,6 +112,13 @@ def test_uvicorn_serving_the_asgi_app_loses_no_request(server: MariaDBServer) ->
     assert_the_faults_happened(result)
 
 
+def test_daphne_serving_the_asgi_app_loses_no_request(server: MariaDBServer) -> None:
+    """The other ASGI server Django documents: one Twisted process, async views."""
+    result = load(server, "daphne")
+    assert_nothing_lost_and_only_in_flight_writes_failed(result)
+    assert_the_faults_happened(result)
+
+
 def test_uwsgi_threaded_workers_lose_no_request(server: MariaDBServer) -> None:
     result = load(server, "uwsgi")
     assert_nothing_lost_and_only_in_flight_writes_failed(result)
