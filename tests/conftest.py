@@ -455,6 +455,13 @@ def _pg_alias_settings(postgres: PostgresServer, django_db_setup: None) -> Itera
         yield PG_ALIAS
     finally:
         _close_quietly(PG_ALIAS)
+        # A pool (OPTIONS["pool"], Django 5.1+) lives in a class attribute of the
+        # backend, by alias: one that the test case's flush opened would outlive "pg".
+        from django.db.backends.postgresql.base import DatabaseWrapper
+
+        pools = getattr(DatabaseWrapper, "_connection_pools", {})
+        with contextlib.suppress(Exception):
+            pools.pop(PG_ALIAS).close()
         connections.settings.pop(PG_ALIAS, None)
         settings.DATABASES.pop(PG_ALIAS, None)
         with contextlib.suppress(Exception):

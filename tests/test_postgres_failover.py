@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import django
 import pytest
 from django.db import Error, connections, transaction
 
@@ -128,3 +129,32 @@ def test_the_applications_own_read_only_transaction_is_not_a_failover(
         cursor.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE")
     write(db, "written")
     assert rows(postgres) == ["written"]
+
+
+def test_a_pooled_connection_to_a_hot_standby_is_never_handed_out_again(
+    postgres: PostgresServer,
+    standby: PostgresStandby,
+    endpoint: FaultProxy,
+    pg_alias: str,
+    pg_driver: str,
+) -> None:
+    if pg_driver != "psycopg" or django.VERSION < (5, 1):
+        pytest.skip("Django's connection pool needs Django 5.1+ and psycopg 3")
+    pytest.importorskip("psycopg_pool")
+    db = connections[pg_alias]
+    db.close()
+    db.settings_dict["OPTIONS"]["pool"] = {"min_size": 1, "max_size": 1}
+    db.settings_dict["CONN_MAX_AGE"] = 0  # the pool refuses persistent connections
+    try:
+        on_standby = backend(db)  # checked out: the pool's only connection, to the standby
+        endpoint.retarget(postgres.port)
+        with record_recycles(pg_alias) as recycles:
+            write(db, "pooled")  # the pool must not hand the standby's session back
+        assert [r.reason for r in recycles] == ["read_only"]
+        assert rows(postgres) == ["pooled"]
+        assert on_standby not in [int(p) for p in standby.backends()]
+        db.close()
+    finally:
+        db.close_pool()
+        del db.settings_dict["OPTIONS"]["pool"]
+        db.settings_dict["CONN_MAX_AGE"] = None

@@ -52,6 +52,8 @@ NOTABLE_IDLE = 1.0
 _ANY_DRIVER = Driver()
 # Losses after which the server may still hold the session (the network went silent).
 ZOMBIE_KINDS = ("timeout", "dead_peer")
+#: The reasons for closing a live connection whose node refused a statement.
+REFUSED = ("read_only", "not_ready")
 
 
 def in_transaction(db: Any) -> bool:
@@ -299,6 +301,9 @@ def discard(
     state: ConnectionState = db._dbkeepalive
     graceful = graceful or (state.lost is not None and state.lost.alive)
     if not graceful and sockets.detach(state):
+        state.family.dropped(db, fork=False)
+    elif reason in REFUSED:
+        # Alive, on a node that cannot serve it: closed properly, never pooled again.
         state.family.dropped(db, fork=False)
     if not db.autocommit and not db.in_atomic_block:
         state.manual = True

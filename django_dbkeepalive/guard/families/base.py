@@ -285,7 +285,9 @@ class Family:
         return None
 
     def dropped(self, db: Any, *, fork: bool) -> None:
-        """The guard detached the connection's socket; anything else to let go of."""
+        """The guard detached the connection's socket, or is closing a live connection
+        to a node that refused a statement: anything else to let go of (so that no
+        pool hands the connection out again)."""
 
     # ------------------------------------------------------ backend methods
 

@@ -326,8 +326,9 @@ class PostgreSQLFamily(Family):
         return "" if value is None else f"in_hot_standby={value}"
 
     def dropped(self, db: Any, *, fork: bool) -> None:
-        # Closed by its driver too (its goodbye goes to /dev/null), so that Django's
-        # pool (OPTIONS["pool"]) sees it closed and discards it instead of handing it out
+        # Closed by its driver too (its goodbye goes to /dev/null once detached; to the
+        # server for a node that refused a statement), so that Django's pool
+        # (OPTIONS["pool"]) sees it closed and discards it instead of handing it out
         # again. Not in a forked child, where another thread may have held its lock.
         if not fork and db.connection is not None:
             with contextlib.suppress(Exception):
