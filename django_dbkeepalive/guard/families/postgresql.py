@@ -155,6 +155,21 @@ def _read_timeouts(conn: Any) -> tuple[float | None, float | None]:
     return found[0], found[1]
 
 
+def _in_recovery(conn: Any) -> bool:  # pragma: no cover - PostgreSQL 13 and older only
+    """``pg_is_in_recovery()``, for a server that does not report ``in_hot_standby``
+    (before 14). Fails in an aborted transaction: the refusal is then raised as it is."""
+    try:
+        cursor = conn.cursor()
+        try:
+            cursor.execute("SELECT pg_is_in_recovery()")
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+    except Exception:
+        return False
+    return bool(row and row[0])
+
+
 # The idle timeouts read per driver connection, for pooled ones.
 _known: weakref.WeakKeyDictionary[Any, tuple[float, float | None]] = weakref.WeakKeyDictionary()
 
@@ -285,44 +300,22 @@ class PostgreSQLFamily(Family):
         return explain("hot_standby")
 
     def _hot_standby(self, db: Any, state: ConnectionState) -> bool:
-        conn = db.connection
-        if conn is None:
-            return False
-        driver = state.driver
-        try:
-            reported = (
-                driver.parameter(conn, "in_hot_standby") if isinstance(driver, Psycopg) else None
-            )
-        except Exception:  # pragma: no cover - the driver's API
-            reported = None
+        reported = self._reported(db, state.driver, "in_hot_standby")
         if reported is not None:
             return reported == "on"
-        # A server before 14 does not report it: ask (fails in an aborted transaction,
-        # where the refusal is then raised as it is).
+        return _in_recovery(db.connection)
+
+    def _reported(self, db: Any, driver: Driver | None, name: str) -> str | None:
+        if not isinstance(driver, Psycopg):
+            return None
         try:
-            cursor = conn.cursor()
-            try:
-                cursor.execute("SELECT pg_is_in_recovery()")
-                row = cursor.fetchone()
-            finally:
-                cursor.close()
-        except Exception:  # pragma: no cover - PostgreSQL 13 and older only
-            return False
-        return bool(row and row[0])  # pragma: no cover - PostgreSQL 13 and older only
+            return driver.parameter(db.connection, name)
+        except Exception:  # no connection, or a driver without it
+            return None
 
     def node_state(self, db: Any) -> str:
-        if db.connection is None:
-            return ""
         state: ConnectionState | None = getattr(db, "_dbkeepalive", None)
-        driver = state.driver if state is not None else None
-        try:
-            value = (
-                driver.parameter(db.connection, "in_hot_standby")
-                if isinstance(driver, Psycopg)
-                else None
-            )
-        except Exception:  # pragma: no cover - the driver's API
-            value = None
+        value = self._reported(db, state.driver if state is not None else None, "in_hot_standby")
         return "" if value is None else f"in_hot_standby={value}"
 
     def dropped(self, db: Any, *, fork: bool) -> None:
