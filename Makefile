@@ -127,8 +127,8 @@ matrix: venv ## the tox matrix: Django 4.2-6.1 x Python 3.10-3.13 x both drivers
 
 # The corners of the matrix, run by .ci/run: the oldest and the newest Python x Django,
 # each with each driver, and the lowest versions promised (env "minimum": Django 4.2.0,
-# mysqlclient 1.4.3, PyMySQL 1.1.0).
-CORNERS := py310-django42-mysqlclient,py310-django42-pymysql,py313-django61-mysqlclient,py313-django61-pymysql,py310-minimum-mysqlclient,py310-minimum-pymysql
+# mysqlclient 1.4.3, PyMySQL 1.1.0, Connector/Python 8.3.0).
+CORNERS := py310-django42-mysqlclient,py310-django42-pymysql,py313-django61-mysqlclient,py313-django61-pymysql,py310-minimum-mysqlclient,py310-minimum-pymysql,py310-minimum-connector
 
 corners: venv ## the matrix's corners: oldest and newest Python x Django, lowest versions, each driver
 	@for v in 3.10 3.13; do PATH="$(PYENV_BINS):$$PATH" command -v python$$v >/dev/null || { \

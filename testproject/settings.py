@@ -48,6 +48,17 @@ MYSQL_ENGINE = (
 DRIVER_OPTIONS = {"use_pure": DRIVER == "connector"} if CONNECTOR else {}
 
 
+def _client_timeouts(seconds: int) -> dict[str, int]:
+    """read_timeout and write_timeout, unless the driver refuses them (Connector/Python
+    before 9.x does not know them and refuses to connect)."""
+    if CONNECTOR:
+        from mysql.connector.constants import DEFAULT_CONFIGURATION
+
+        if "read_timeout" not in DEFAULT_CONFIGURATION:
+            return {}
+    return {"read_timeout": seconds, "write_timeout": seconds}
+
+
 def _conn_max_age() -> int | None:
     value = os.environ.get("DBK_CONN_MAX_AGE", "0")
     return None if value.lower() == "none" else int(value)
@@ -84,8 +95,7 @@ DATABASES = {
         "OPTIONS": {
             "charset": "utf8mb4",
             "connect_timeout": 5,
-            "read_timeout": 30,
-            "write_timeout": 30,
+            **_client_timeouts(30),
             **DRIVER_OPTIONS,
         },
         # CHARSET: MariaDB's default server charset is latin1.
@@ -106,8 +116,7 @@ DATABASES = {
         "OPTIONS": {
             "charset": "utf8mb4",
             "connect_timeout": 3,
-            "read_timeout": 20,
-            "write_timeout": 20,
+            **_client_timeouts(20),
             "isolation_level": "read committed",
             **DRIVER_OPTIONS,
         },

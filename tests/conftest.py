@@ -285,6 +285,22 @@ def set_wait_timeout(mariadb: MariaDBServer) -> Iterator[Callable[[int], None]]:
         close_connections()
 
 
+def read_timeout_refused() -> bool:
+    """Whether the driver of DBK_DRIVER refuses a ``read_timeout`` option (Connector/Python
+    before 9.x does not know it, nor its ``ReadTimeoutError``)."""
+    if not os.environ.get("DBK_DRIVER", "").startswith("connector"):
+        return False
+    from mysql.connector.constants import DEFAULT_CONFIGURATION
+
+    return "read_timeout" not in DEFAULT_CONFIGURATION
+
+
+#: For a test of the client's read_timeout.
+needs_read_timeout = pytest.mark.skipif(
+    read_timeout_refused(), reason="this Connector/Python has no read_timeout (9.x has)"
+)
+
+
 @pytest.fixture(scope="session")
 def driver() -> str:
     """``"mysqlclient"``, ``"pymysql"``, ``"connector"`` or ``"connector-cext"`` (from

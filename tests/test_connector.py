@@ -21,7 +21,7 @@ from django_dbkeepalive.diagnose import diagnose
 from django_dbkeepalive.testing import record_recycles
 from testproject.testapp.models import Item
 
-from .conftest import close_connections
+from .conftest import close_connections, needs_read_timeout
 from .proxy import FaultProxy
 
 pytestmark = [
@@ -58,6 +58,7 @@ def test_a_connection_idle_past_ping_after_is_pinged_and_kept(server) -> None:
     assert server.connections_total() == seen
 
 
+@needs_read_timeout
 @override_settings(
     DBKEEPALIVE={"WAIT_TIMEOUT": 100, "PING_AFTER": 0.5, "CLIENT_TIMEOUTS": {"read_timeout": 1}}
 )
@@ -77,6 +78,7 @@ def test_its_read_timeout_ends_a_ping_on_a_blackholed_flow_and_the_write_goes_on
     assert keys(raw) == ["a", "b"]
 
 
+@needs_read_timeout
 @override_settings(DBKEEPALIVE={"WAIT_TIMEOUT": 100, "CLIENT_TIMEOUTS": {"read_timeout": 1}})
 def test_a_write_that_waits_out_its_read_timeout_is_never_run_again_and_says_so(
     server, db_options, raw: Raw
@@ -103,3 +105,18 @@ def test_the_diagnose_command_says_it_runs_in_pure_python() -> None:
     library = report.driver["client_library"]
     assert library.startswith("pure Python")
     assert ("C extension is not loadable" in library) == (not mysql.connector.HAVE_CEXT)
+
+
+def test_the_timeouts_check_asks_only_for_the_timeouts_this_release_accepts(db_options) -> None:
+    # Connector/Python before 9.x refuses read_timeout (it cannot connect with it): the
+    # check must never tell the user to add it there.
+    from mysql.connector.constants import DEFAULT_CONFIGURATION
+
+    from django_dbkeepalive.checks import configuration_messages
+
+    db_options(read_timeout=None, write_timeout=None)
+    [w006] = [m for m in configuration_messages("default") if m.id == "dbkeepalive.W006"] or [None]
+    if "read_timeout" in DEFAULT_CONFIGURATION:
+        assert w006 is not None and "has no read_timeout in OPTIONS" in w006.msg
+    else:
+        assert w006 is None

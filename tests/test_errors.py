@@ -107,6 +107,8 @@ def test_connector_pythons_own_errors_are_told_apart_by_class_and_code(
     name, errno, msg, kind, not_sent
 ):
     errors = pytest.importorskip("mysql.connector.errors")
+    if not hasattr(errors, name):
+        pytest.skip(f"this Connector/Python has no {name} (its client timeouts came in 9.x)")
     found = classify(getattr(errors, name)(msg=msg, errno=errno))
     if kind is None:
         assert found is None

@@ -23,7 +23,7 @@ from django.test import override_settings
 from django_dbkeepalive import ConnectionLostInTransaction, fresh_connection, guard
 from testproject.testapp.models import Item
 
-from .conftest import close_connections
+from .conftest import close_connections, needs_read_timeout
 from .proxy import FaultProxy
 from .servers import _free_port as free_port
 
@@ -198,6 +198,7 @@ def test_proxy_reset_while_idle_in_a_transaction(via_proxy: FaultProxy, raw) -> 
     assert keys(raw) == []
 
 
+@needs_read_timeout
 def test_read_timeout_in_a_transaction(via_proxy: FaultProxy, db_options, raw) -> None:
     db_options(read_timeout=2)
     message = lost_in_transaction(lambda: Item.objects.create(key="second"), via_proxy.blackhole)

@@ -176,12 +176,13 @@ def _backend_message(alias: str, exc: BaseException) -> checks.CheckMessage:
 def _timeout_messages(alias: str, db: Any) -> list[checks.CheckMessage]:
     timeouts = client_timeouts(alias)
     pymysql = driver_name(db) == "PyMySQL"
+    accepts = guard.driver_of(db).accepts_option
     missing: list[str] = []
     notes: list[str] = []
     for name in ("connect_timeout", "read_timeout"):
         timeout = timeouts[name]
-        if timeout.effective:
-            continue
+        if timeout.effective or not accepts(name):
+            continue  # (Connector/Python before 9.x has no read_timeout: never ask for it)
         if timeout.source == "options":
             # Present but no timeout: None, or 0 (libmariadb's "no timeout").
             missing.append(name)
@@ -220,6 +221,11 @@ def _timeout_messages(alias: str, db: Any) -> list[checks.CheckMessage]:
             )
         effects.append(effect)
     where = f" ({'; '.join(notes)})" if notes else ""
+    example = (
+        "{'connect_timeout': 5, 'read_timeout': 60, 'write_timeout': 60}"
+        if accepts("read_timeout")
+        else "{'connect_timeout': 5}"
+    )
     return [
         message(
             "dbkeepalive.W006",
@@ -227,9 +233,9 @@ def _timeout_messages(alias: str, db: Any) -> list[checks.CheckMessage]:
             + "; ".join(effects)
             + ".",
             f"Add them to DATABASES[{alias!r}]['OPTIONS'] (seconds, same names for "
-            "mysqlclient and PyMySQL), e.g. {'connect_timeout': 5, 'read_timeout': 60, "
-            "'write_timeout': 60}, or set DBKEEPALIVE['CLIENT_TIMEOUTS'] = True; "
-            "read_timeout must exceed your slowest query. If an option file "
+            f"mysqlclient and PyMySQL), e.g. {example}, or set "
+            "DBKEEPALIVE['CLIENT_TIMEOUTS'] = True; read_timeout must exceed your "
+            "slowest query. If an option file "
             "(read_default_file) sets them, silence this check with "
             "SILENCED_SYSTEM_CHECKS = ['dbkeepalive.W006'].",
         )
