@@ -191,9 +191,17 @@ class MariaDBServer(PrivateServer):
             raise ValueError(f"not a variable name: {name!r}")
         return self.query(f"SELECT @@GLOBAL.{name}")[0][0]
 
-    def kill(self, thread_id: int) -> None:
-        """``KILL`` a connection; the client finds out on its next read or write."""
-        self.query("KILL %s", (int(thread_id),))
+    def kill(self, thread_id: int, *, gone_ok: bool = False) -> bool:
+        """``KILL`` a connection; the client finds out on its next read or write.
+        ``gone_ok``: a connection that ended meanwhile (1094 "Unknown thread id", a race
+        with a client closing it) is no error; returns whether it was killed."""
+        try:
+            self.query("KILL %s", (int(thread_id),))
+        except Exception as exc:
+            if gone_ok and exc.args and exc.args[0] == 1094:
+                return False
+            raise
+        return True
 
     def connections_total(self) -> int:
         """Connection attempts since server start, not counting this object's admin connections."""
