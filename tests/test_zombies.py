@@ -85,15 +85,18 @@ def test_a_stranger_with_the_same_thread_id_on_another_server_is_never_killed(
     caplog.set_level("DEBUG", logger="django_dbkeepalive")
     old = lose_to_a_timeout(db_options, server)
     # Another client of the same user on the other server, with the lost session's id.
+    # Thread ids come from a counter: connect and close until it reaches that id (held
+    # open, the connections would pass max_connections when the id is high).
     strangers = []
     while True:
         stranger = other_server._admin_connect(db="test_dbkeepalive")
         with stranger.cursor() as cursor:
             cursor.execute("SELECT CONNECTION_ID()")
             [stranger_id] = cursor.fetchone()
-        strangers.append(stranger)
         if stranger_id >= old:
+            strangers.append(stranger)
             break
+        stranger.close()
     assert stranger_id == old, "the other server's thread ids went past the lost one's"
     settings_dict = connection.settings_dict
     saved = settings_dict["PORT"]
