@@ -194,6 +194,9 @@ def test_disconnect_codes_cover_the_documented_ones():
         # Re-run only outside a transaction, where their locks end with the statement.
         "SELECT * FROM t WHERE id = %s FOR UPDATE",
         "SELECT * FROM t LOCK IN SHARE MODE",
+        # System variables answer for the new session (Django reads them on connect).
+        "SELECT VERSION(), @@sql_mode, @@default_storage_engine, @@sql_auto_is_null",
+        "SELECT @@SESSION.wait_timeout",
     ],
 )
 def test_reads_may_be_rerun(sql):
@@ -213,6 +216,10 @@ def test_reads_may_be_rerun(sql):
         "SELECT FOUND_ROWS()",
         "SELECT GET_LOCK('job', 10)",
         "SELECT @counter",
+        "SELECT @`quoted var`",
+        "SELECT @@last_insert_id",
+        "SELECT @@SESSION.warning_count",
+        "SELECT @@identity",
         "SELECT NEXTVAL(seq)",
         "SET SESSION wait_timeout = 5",
         "CALL proc()",

@@ -19,12 +19,17 @@ _READ_START = re.compile(
 # A read that changes something, or whose answer depends on the session it runs in,
 # would give a different (wrong) answer on a new connection. (Locking reads, FOR UPDATE
 # and LOCK IN SHARE MODE, are not among them: a read is only ever re-run outside a
-# transaction, where the server releases their locks as soon as they return.)
+# transaction, where the server releases their locks as soon as they return.) User
+# variables (@x) belong to the lost session; system variables (@@sql_mode, Django's own
+# read of them on a new connection) answer for the session the code goes on with,
+# except those about the session's last statements (@@last_insert_id ...).
 _NOT_IDEMPOTENT = re.compile(
     r"\b(INTO|INSERT|UPDATE|DELETE|REPLACE"
     r"|GET_LOCK|RELEASE_LOCK|RELEASE_ALL_LOCKS|IS_USED_LOCK|IS_FREE_LOCK"
     r"|LAST_INSERT_ID|FOUND_ROWS|ROW_COUNT|CONNECTION_ID|NEXTVAL|SETVAL|LASTVAL"
-    r"|NEXT\s+VALUE|PREVIOUS\s+VALUE)\b|@[A-Za-z_`'\"]",
+    r"|NEXT\s+VALUE|PREVIOUS\s+VALUE)\b|(?<!@)@(?!@)[A-Za-z_`'\"]"
+    r"|@@(?:SESSION\.|LOCAL\.)?(?:LAST_INSERT_ID|INSERT_ID|IDENTITY|WARNING_COUNT"
+    r"|ERROR_COUNT|LAST_GTID|PSEUDO_THREAD_ID|TIMESTAMP|RAND_SEED1|RAND_SEED2)\b",
     re.IGNORECASE,
 )
 _LOCKING_CLAUSE = re.compile(
